@@ -1,0 +1,55 @@
+"""Hydra entry points shared by every stage."""
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.images import DataError
+
+log = logging.getLogger("pipeline")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def accept_plus_for_defaulted_groups(argv: list[str]) -> list[str]:
+    """Read `+extractor=v2` as `extractor=v2`.
+
+    Hydra 1.3 refuses `+group=option` when the group already has a default, yet
+    users type it (SPEC 1: `python -m pipeline.train +extractor=v2`). Every group
+    in conf/ has a default, so the append and the override mean the same thing.
+    """
+    groups = {path.name for path in CONF_DIR.iterdir() if path.is_dir()}
+    return [
+        arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in groups else arg
+        for arg in argv
+    ]
+
+
+def show_progress() -> bool:
+    """Progress bars for people at a terminal; CI logs stay quiet."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def stage_entry(task: Callable[[DictConfig], None]) -> Callable[[], None]:
+    """`python -m pipeline.<stage> [overrides]`: compose conf/ and run `task`.
+
+    dvc.yaml adds `--config-name dvc_stage`, so DVC-run stages read params.yaml.
+    """
+
+    def task_or_exit(cfg: DictConfig) -> None:
+        try:
+            task(cfg)
+        except DataError as error:  # the user's data, not our code: one line, no traceback
+            log.error("%s", error)
+            sys.exit(2)
+
+    def main() -> None:
+        sys.argv = accept_plus_for_defaulted_groups(sys.argv)
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task_or_exit)()
+
+    return main

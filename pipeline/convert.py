@@ -1,0 +1,125 @@
+"""Stage `convert`: one Core ML model and its ONNX twin, backbone and head
+together, taking a plain RGB image (SPEC 5)."""
+
+import logging
+from pathlib import Path
+
+import coremltools as ct
+import mlflow
+import numpy as np
+import onnx
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from pipeline import tracking
+from pipeline.backbone import Normalize, load_backbone
+from pipeline.config import stage_entry
+from pipeline.train import load_checkpoint
+
+log = logging.getLogger(__name__)
+logging.getLogger("coremltools").setLevel(logging.WARNING)  # one line per removed op otherwise
+
+PRECISIONS = {"float32": ct.precision.FLOAT32, "float16": ct.precision.FLOAT16}
+
+
+class ImageToProbabilities(nn.Module):
+    """(1, 3, S, S) RGB pixels 0..255 -> class probabilities, normalising inside."""
+
+    def __init__(self, normalize: nn.Module | None, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.normalize = normalize or nn.Identity()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.normalize(image))).softmax(dim=1)
+
+
+def full_model(extractor: DictConfig, head: nn.Module, normalize_inside: bool) -> ImageToProbabilities:
+    normalize = Normalize(extractor.mean, extractor.std) if normalize_inside else None
+    return ImageToProbabilities(normalize, load_backbone(extractor), head).eval()
+
+
+def core_ml_image_input(extractor: DictConfig) -> ct.ImageType:
+    """Core ML's image scale is one number: it needs one std for all channels."""
+    if len(set(extractor.std)) != 1:
+        raise ValueError(f"extractor {extractor.name}: Core ML needs equal std per channel, got {list(extractor.std)}")
+    std = extractor.std[0]
+    size = extractor.input_size
+    return ct.ImageType(
+        name="image",
+        shape=(1, 3, size, size),
+        scale=1.0 / (255.0 * std),
+        bias=[-m / std for m in extractor.mean],
+        color_layout=ct.colorlayout.RGB,
+    )
+
+
+def to_core_ml(cfg: DictConfig, head: nn.Module, checkpoint: dict) -> ct.models.MLModel:
+    extractor, labels = cfg.extractor, checkpoint["labels"]
+    model = full_model(extractor, head, normalize_inside=False)  # the image input normalises
+    example = torch.rand(1, 3, extractor.input_size, extractor.input_size) * 255
+    # torch.export fixes the input size, which turns timm's TF-style dynamic
+    # "same" padding into constants that Core ML accepts (jit.trace does not).
+    exported = torch.export.export(model, (example,)).run_decompositions({})
+    mlmodel = ct.convert(
+        exported,
+        inputs=[core_ml_image_input(extractor)],
+        classifier_config=ct.ClassifierConfig(labels),
+        convert_to="mlprogram",
+        compute_precision=PRECISIONS[cfg.model.precision],
+        minimum_deployment_target=ct.target.iOS15,
+    )
+    spec = mlmodel.get_spec()
+    probabilities = next(o.name for o in spec.description.output if o.name != "classLabel")
+    ct.utils.rename_feature(spec, probabilities, "classLabelProbs")
+    mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
+    mlmodel.author = cfg.model.author
+    mlmodel.license = cfg.model.license
+    mlmodel.short_description = cfg.model.short_description
+    mlmodel.version = str(cfg.model.version)
+    mlmodel.input_description["image"] = f"RGB image, {extractor.input_size}x{extractor.input_size}, center-cropped"
+    mlmodel.output_description["classLabel"] = "Most likely label"
+    mlmodel.output_description["classLabelProbs"] = "Probability of each label"
+    mlmodel.user_defined_metadata.update({
+        "extractor": extractor.name,
+        "architecture": extractor.architecture,
+        "labels": ",".join(labels),
+        "trained_at": checkpoint["trained_at"],
+        "data_fingerprint": checkpoint["data_fingerprint"],
+    })
+    return mlmodel
+
+
+def to_onnx(cfg: DictConfig, head: nn.Module, checkpoint: dict, path: Path) -> None:
+    """Same contract as the Core ML model: `image` is (1, 3, S, S) float RGB 0..255."""
+    size = cfg.extractor.input_size
+    model = full_model(cfg.extractor, head, normalize_inside=True)
+    torch.onnx.export(model, (torch.rand(1, 3, size, size) * 255,), path, input_names=["image"],
+                      output_names=["classLabelProbs"], external_data=False, verbose=False)
+    proto = onnx.load(path)
+    for key, value in {"labels": ",".join(checkpoint["labels"]), "extractor": cfg.extractor.name,
+                       "input": f"image: float32 (1, 3, {size}, {size}) RGB 0..255, center-cropped"}.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, path)
+
+
+def run(cfg: DictConfig) -> None:
+    head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
+    models = Path(cfg.paths.models_dir)
+    models.mkdir(parents=True, exist_ok=True)
+    mlpackage, onnx_path = models / f"{cfg.model.name}.mlpackage", models / f"{cfg.model.name}.onnx"
+    to_core_ml(cfg, head, checkpoint).save(str(mlpackage))
+    to_onnx(cfg, head, checkpoint, onnx_path)
+    with tracking.resumed_run(cfg, checkpoint["mlflow_run_id"]):
+        mlflow.log_artifact(str(mlpackage), "coreml")
+        mlflow.onnx.log_model(onnx.load(onnx_path), name="model", registered_model_name=cfg.model.name,
+                              onnx_execution_providers=["CPUExecutionProvider"],
+                              input_example=np.zeros((1, 3, cfg.extractor.input_size, cfg.extractor.input_size), np.float32))
+    log.info("wrote %s and %s", mlpackage, onnx_path)
+
+
+main = stage_entry(run)
+
+if __name__ == "__main__":
+    main()

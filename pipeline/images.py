@@ -1,0 +1,113 @@
+"""Finding labelled images in folders and decoding them the one way training and
+the exported models agree on (SPEC 2)."""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pillow_heif
+from PIL import Image, ImageOps
+
+pillow_heif.register_heif_opener()
+
+# Transparent pixels are composited on white, here and in the README's contract
+# for the exported models, so a PNG with alpha means the same thing in the app.
+BACKGROUND = (255, 255, 255)
+
+
+class DataError(Exception):
+    """The data cannot be trained on at all; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: str
+    label: str
+    sha256: str
+
+
+def is_hidden(path: Path) -> bool:
+    # .DS_Store, AppleDouble `._x.jpg`, .git and the like
+    return path.name.startswith(".")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_header(path: Path, max_pixels: int) -> None:
+    """Raise ValueError with a user-facing reason if `path` is not a usable image."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image too large ({error})") from None
+    except Exception as error:  # Pillow raises many types for non-images
+        raise ValueError(f"not a readable image ({type(error).__name__}: {error})") from None
+    if width * height > max_pixels:
+        raise ValueError(f"image too large ({width}x{height} pixels > {max_pixels})")
+
+
+def scan_labelled_folder(root: Path, max_pixels: int) -> tuple[list[LabelledImage], list[Skipped]]:
+    """Every file under `root/<label>/...`, either usable or skipped with a reason."""
+    images, skipped = [], []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if any(is_hidden(Path(part)) for part in relative.parts):
+            skipped.append(Skipped(str(path), "hidden file"))
+            continue
+        if len(relative.parts) == 1:
+            skipped.append(Skipped(str(path), "not inside a label folder"))
+            continue
+        try:
+            read_header(path, max_pixels)
+        except ValueError as error:
+            skipped.append(Skipped(str(path), str(error)))
+            continue
+        images.append(LabelledImage(str(path), relative.parts[0], file_sha256(path)))
+    return images, skipped
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
+        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, BACKGROUND)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
+    """Decode an image upright (EXIF orientation) as RGB on the fixed background.
+
+    `min_side` lets JPEG decode at a reduced scale (draft mode) as long as both
+    sides stay at least that large: the resize that follows would discard the rest.
+    """
+    with Image.open(path) as image:
+        if min_side and image.format == "JPEG":
+            image.draft("RGB", (min_side, min_side))
+        image.seek(0)  # first frame of a GIF or multi-page TIFF
+        return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def center_crop_square(image: Image.Image, size: int) -> np.ndarray:
+    """Vision's default `imageCropAndScaleOption = .centerCrop`: scale the shorter
+    side to `size`, then crop the centre. Returns HxWx3 uint8."""
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), Image.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))

@@ -1,0 +1,24 @@
+"""`python -m pipeline.params [overrides]`: write params.yaml, conf/ composed.
+
+params.yaml is what `dvc repro` runs with and what DVC tracks. `dvc exp run`
+writes it the same way (DVC's Hydra composition); run this after editing conf/
+when you use plain `dvc repro`.
+"""
+
+import sys
+
+from dvc.utils.hydra import compose_and_dump
+
+from pipeline.config import CONF_DIR, accept_plus_for_defaulted_groups
+
+PARAMS_FILE = CONF_DIR.parent / "params.yaml"
+
+
+def main() -> None:
+    overrides = accept_plus_for_defaulted_groups(sys.argv[1:])
+    compose_and_dump(PARAMS_FILE, str(CONF_DIR), None, "config", str(CONF_DIR.parent), overrides)
+    print(f"wrote {PARAMS_FILE}")
+
+
+if __name__ == "__main__":
+    main()
