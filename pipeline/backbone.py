@@ -26,7 +26,9 @@ def load_classifier(extractor: DictConfig) -> nn.Module:
     model = timm.create_model(extractor.architecture, pretrained=False)
     theirs = torch.load(weights_file(extractor.weights_package), map_location="cpu", weights_only=True)
     ours = model.state_dict()
-    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(ours.values(), theirs.values(), strict=True)):
+    if len(theirs) != len(ours) or any(
+        a.shape != b.shape for a, b in zip(ours.values(), theirs.values(), strict=True)
+    ):
         raise ValueError(f"{extractor.weights_package} does not match {extractor.architecture}")
     model.load_state_dict(dict(zip(ours.keys(), theirs.values(), strict=True)))
     return model.eval()
@@ -45,7 +47,9 @@ class Normalize(nn.Module):
     def __init__(self, mean: list[float], std: list[float]):
         super().__init__()
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
-        self.register_buffer("bias", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1))
+        self.register_buffer(
+            "bias", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
+        )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels * self.scale + self.bias
@@ -59,7 +63,9 @@ def extractor_fingerprint(extractor: DictConfig) -> str:
     """
     settings = OmegaConf.to_container(extractor, resolve=True)
     settings = {k: settings[k] for k in ("architecture", "input_size", "mean", "std")}
-    settings["weights_sha256"] = hashlib.sha256(weights_file(extractor.weights_package).read_bytes()).hexdigest()
+    settings["weights_sha256"] = hashlib.sha256(
+        weights_file(extractor.weights_package).read_bytes()
+    ).hexdigest()
     settings["preprocessing"] = PREPROCESSING
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -24,10 +24,7 @@ def accept_plus_for_defaulted_groups(argv: list[str]) -> list[str]:
     in conf/ has a default, so the append and the override mean the same thing.
     """
     groups = {path.name for path in CONF_DIR.iterdir() if path.is_dir()}
-    return [
-        arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in groups else arg
-        for arg in argv
-    ]
+    return [arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in groups else arg for arg in argv]
 
 
 def show_progress() -> bool:

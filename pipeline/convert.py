@@ -43,7 +43,9 @@ def full_model(extractor: DictConfig, head: nn.Module, normalize_inside: bool) -
 def core_ml_image_input(extractor: DictConfig) -> ct.ImageType:
     """Core ML's image scale is one number: it needs one std for all channels."""
     if len(set(extractor.std)) != 1:
-        raise ValueError(f"extractor {extractor.name}: Core ML needs equal std per channel, got {list(extractor.std)}")
+        raise ValueError(
+            f"extractor {extractor.name}: Core ML needs equal std per channel, got {list(extractor.std)}"
+        )
     std = extractor.std[0]
     size = extractor.input_size
     return ct.ImageType(
@@ -78,16 +80,20 @@ def to_core_ml(cfg: DictConfig, head: nn.Module, checkpoint: dict) -> ct.models.
     mlmodel.license = cfg.model.license
     mlmodel.short_description = cfg.model.short_description
     mlmodel.version = str(cfg.model.version)
-    mlmodel.input_description["image"] = f"RGB image, {extractor.input_size}x{extractor.input_size}, center-cropped"
+    mlmodel.input_description["image"] = (
+        f"RGB image, {extractor.input_size}x{extractor.input_size}, center-cropped"
+    )
     mlmodel.output_description["classLabel"] = "Most likely label"
     mlmodel.output_description["classLabelProbs"] = "Probability of each label"
-    mlmodel.user_defined_metadata.update({
-        "extractor": extractor.name,
-        "architecture": extractor.architecture,
-        "labels": ",".join(labels),
-        "trained_at": checkpoint["trained_at"],
-        "data_fingerprint": checkpoint["data_fingerprint"],
-    })
+    mlmodel.user_defined_metadata.update(
+        {
+            "extractor": extractor.name,
+            "architecture": extractor.architecture,
+            "labels": ",".join(labels),
+            "trained_at": checkpoint["trained_at"],
+            "data_fingerprint": checkpoint["data_fingerprint"],
+        }
+    )
     return mlmodel
 
 
@@ -95,11 +101,21 @@ def to_onnx(cfg: DictConfig, head: nn.Module, checkpoint: dict, path: Path) -> N
     """Same contract as the Core ML model: `image` is (1, 3, S, S) float RGB 0..255."""
     size = cfg.extractor.input_size
     model = full_model(cfg.extractor, head, normalize_inside=True)
-    torch.onnx.export(model, (torch.rand(1, 3, size, size) * 255,), path, input_names=["image"],
-                      output_names=["classLabelProbs"], external_data=False, verbose=False)
+    torch.onnx.export(
+        model,
+        (torch.rand(1, 3, size, size) * 255,),
+        path,
+        input_names=["image"],
+        output_names=["classLabelProbs"],
+        external_data=False,
+        verbose=False,
+    )
     proto = onnx.load(path)
-    for key, value in {"labels": ",".join(checkpoint["labels"]), "extractor": cfg.extractor.name,
-                       "input": f"image: float32 (1, 3, {size}, {size}) RGB 0..255, center-cropped"}.items():
+    for key, value in {
+        "labels": ",".join(checkpoint["labels"]),
+        "extractor": cfg.extractor.name,
+        "input": f"image: float32 (1, 3, {size}, {size}) RGB 0..255, center-cropped",
+    }.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, path)
 
@@ -113,9 +129,13 @@ def run(cfg: DictConfig) -> None:
     to_onnx(cfg, head, checkpoint, onnx_path)
     with tracking.resumed_run(cfg, checkpoint["mlflow_run_id"]):
         mlflow.log_artifact(str(mlpackage), "coreml")
-        mlflow.onnx.log_model(onnx.load(onnx_path), name="model", registered_model_name=cfg.model.name,
-                              onnx_execution_providers=["CPUExecutionProvider"],
-                              input_example=np.zeros((1, 3, cfg.extractor.input_size, cfg.extractor.input_size), np.float32))
+        mlflow.onnx.log_model(
+            onnx.load(onnx_path),
+            name="model",
+            registered_model_name=cfg.model.name,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            input_example=np.zeros((1, 3, cfg.extractor.input_size, cfg.extractor.input_size), np.float32),
+        )
     log.info("wrote %s and %s", mlpackage, onnx_path)
 
 

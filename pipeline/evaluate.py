@@ -35,9 +35,16 @@ def split_metrics(truth: np.ndarray, predicted: np.ndarray, labels: list[str], p
     metrics = {"accuracy": float(accuracy_score(truth, predicted))}
     if per_class:
         indices = list(range(len(labels)))
-        precision, recall, f1, count = precision_recall_fscore_support(truth, predicted, labels=indices, zero_division=0)
+        precision, recall, f1, count = precision_recall_fscore_support(
+            truth, predicted, labels=indices, zero_division=0
+        )
         metrics["per_class"] = {
-            label: {"count": int(count[i]), "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i])}
+            label: {
+                "count": int(count[i]),
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+            }
             for i, label in enumerate(labels)
         }
     return metrics
@@ -52,10 +59,20 @@ def evaluate(head: torch.nn.Module, table: dict) -> tuple[dict, list[dict]]:
     for split in SPLITS:
         mask = table["split"] == split
         if mask.any():
-            metrics[split] = split_metrics(table["label_index"][mask], predicted[mask], labels, per_class=split != "train")
+            metrics[split] = split_metrics(
+                table["label_index"][mask], predicted[mask], labels, per_class=split != "train"
+            )
     rows = [
-        {"path": path, "split": split, "actual": labels[truth], "predicted": labels[guess], "confidence": float(p[guess])}
-        for path, split, truth, guess, p in zip(table["path"], table["split"], table["label_index"], predicted, probabilities, strict=True)
+        {
+            "path": path,
+            "split": split,
+            "actual": labels[truth],
+            "predicted": labels[guess],
+            "confidence": float(p[guess]),
+        }
+        for path, split, truth, guess, p in zip(
+            table["path"], table["split"], table["label_index"], predicted, probabilities, strict=True
+        )
     ]
     return metrics, rows
 
@@ -74,8 +91,15 @@ def plot_confusion(rows: list[dict], labels: list[str], split: str, path: Path) 
     matrix = confusion_matrix([r["actual"] for r in chosen], [r["predicted"] for r in chosen], labels=labels)
     figure, axes = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
     axes.imshow(matrix, cmap="Blues")
-    axes.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-             xlabel="predicted", ylabel="actual", title=f"Confusion matrix ({split}, {len(chosen)} images)")
+    axes.set(
+        xticks=range(len(labels)),
+        yticks=range(len(labels)),
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="actual",
+        title=f"Confusion matrix ({split}, {len(chosen)} images)",
+    )
     plt.setp(axes.get_xticklabels(), rotation=45, ha="right")
     for (i, j), n in np.ndenumerate(matrix):
         axes.text(j, i, str(n), ha="center", va="center", color="white" if n > matrix.max() / 2 else "black")
@@ -119,7 +143,10 @@ def run(cfg: DictConfig) -> None:
     write_json(cfg.paths.metrics, metrics)
     write_rows(cfg.paths.predictions, rows)
     confusion_split = "test" if "test" in metrics else "validation" if "validation" in metrics else "train"
-    write_rows(cfg.paths.confusion, [{"actual": r["actual"], "predicted": r["predicted"]} for r in rows if r["split"] == confusion_split])
+    write_rows(
+        cfg.paths.confusion,
+        [{"actual": r["actual"], "predicted": r["predicted"]} for r in rows if r["split"] == confusion_split],
+    )
     plots = Path(cfg.paths.plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
     plot_confusion(rows, checkpoint["labels"], confusion_split, plots / "confusion_matrix.png")

@@ -50,11 +50,16 @@ def fill_cache(rows: list[dict], cfg: DictConfig, cache: FeatureCache) -> list[d
         return []
     device = pick_device()
     size, batch_size = cfg.extractor.input_size, cfg.extractor.batch_size
-    model = torch.nn.Sequential(Normalize(cfg.extractor.mean, cfg.extractor.std), load_backbone(cfg.extractor))
+    model = torch.nn.Sequential(
+        Normalize(cfg.extractor.mean, cfg.extractor.std), load_backbone(cfg.extractor)
+    )
     model = model.to(device)
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     failed = []
-    with ThreadPoolExecutor() as pool, tqdm(total=len(todo), unit="img", desc="extract", disable=not show_progress()) as bar:
+    with (
+        ThreadPoolExecutor() as pool,
+        tqdm(total=len(todo), unit="img", desc="extract", disable=not show_progress()) as bar,
+    ):
 
         def submit(batch: list[tuple[str, str]]) -> list[Future]:
             return [pool.submit(decode, path, size) for _, path in batch]
@@ -138,7 +143,9 @@ def features_for(cfg: DictConfig) -> dict:
     if path.exists():
         table = load_table(path)
         meta = table["meta"]
-        if meta["extractor"]["fingerprint"] == extractor_fingerprint(cfg.extractor) and meta["split_sha256"] == split_digest(split):
+        if meta["extractor"]["fingerprint"] == extractor_fingerprint(cfg.extractor) and meta[
+            "split_sha256"
+        ] == split_digest(split):
             return table
     log.info("%s has no %s features for this split: building them from the cache", path, cfg.extractor.name)
     return build_table(cfg, split)

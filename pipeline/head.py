@@ -6,7 +6,9 @@ from torch import nn
 class ClassifierHead(nn.Module):
     """Logistic regression (no hidden layer) or an MLP (SPEC 3), returning logits."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden_sizes: list[int] = (), dropout: float = 0.0):
+    def __init__(
+        self, in_features: int, num_classes: int, hidden_sizes: list[int] = (), dropout: float = 0.0
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         width = in_features

@@ -8,7 +8,13 @@ from pipeline.head import ClassifierHead
 
 
 class LitHead(pl.LightningModule):
-    def __init__(self, head: ClassifierHead, learning_rate: float, weight_decay: float, class_weights: torch.Tensor | None = None):
+    def __init__(
+        self,
+        head: ClassifierHead,
+        learning_rate: float,
+        weight_decay: float,
+        class_weights: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.head = head
         self.learning_rate, self.weight_decay = learning_rate, weight_decay
@@ -22,9 +28,12 @@ class LitHead(pl.LightningModule):
         logits = self.head(features)
         loss = self.loss(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        # Per-epoch means, the curve Create ML draws.
-        self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log(f"{split}_accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        # Per-epoch means, the curve Create ML draws; "epoch/" keeps them apart from
+        # the final metrics that evaluate logs under the plain names.
+        self.log(f"epoch/{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"epoch/{split}_accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        # Lightning's loggers take a logged "step" as the x axis: epochs, not batches.
+        self.log("step", float(self.current_epoch), on_step=False, on_epoch=True)
         return loss
 
     def training_step(self, batch, batch_idx):

@@ -52,7 +52,9 @@ def choose_validation(
     """
     chosen = set()
     for label in sorted({image.label for image in train}):
-        shas = sorted({i.sha256 for i in train if i.label == label}, key=lambda s: hash_unit_interval(s, seed))
+        shas = sorted(
+            {i.sha256 for i in train if i.label == label}, key=lambda s: hash_unit_interval(s, seed)
+        )
         kept = [sha for sha in shas if previous.get(sha) == "validation"]
         new = [sha for sha in shas if sha not in previous]
         missing = max(0, round(fraction * len(shas)) - len(kept))
@@ -70,9 +72,7 @@ def previous_assignments(path: Path, fraction: float, seed: int) -> dict[str, st
     return {row["sha256"]: row["split"] for row in last["images"] if row["split"] != "test"}
 
 
-def assign_splits(
-    train: list[LabelledImage], test: list[LabelledImage], validation: set[str]
-) -> list[dict]:
+def assign_splits(train: list[LabelledImage], test: list[LabelledImage], validation: set[str]) -> list[dict]:
     rows = [{**vars(i), "split": "validation" if i.sha256 in validation else "train"} for i in train]
     return rows + [{**vars(image), "split": "test"} for image in test]
 

@@ -42,11 +42,13 @@ def start_run(cfg: DictConfig, data_fingerprint: str) -> str:
     with mlflow.start_run(run_name=name) as run:
         mlflow.log_params(flat_params(cfg))
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
-        mlflow.set_tags({
-            "mlflow.source.git.commit": git_commit(),
-            "data_fingerprint": data_fingerprint,
-            "extractor": cfg.extractor.name,
-        })
+        mlflow.set_tags(
+            {
+                "mlflow.source.git.commit": git_commit(),
+                "data_fingerprint": data_fingerprint,
+                "extractor": cfg.extractor.name,
+            }
+        )
         return run.info.run_id
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, MLFlowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import tracking
@@ -24,29 +25,26 @@ CURVE_COLUMNS = ["epoch", "train_loss", "train_accuracy", "validation_loss", "va
 
 
 class EpochCurve(pl.Callback):
-    """Collects each epoch's train/validation loss and accuracy, and logs them to MLflow."""
+    """Collects each epoch's train/validation loss and accuracy for DVC's plots."""
 
-    def __init__(self, run_id: str):
-        self.run_id, self.rows = run_id, []
+    def __init__(self):
+        self.rows = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         row = {"epoch": trainer.current_epoch}
         for column in CURVE_COLUMNS[1:]:
-            if column in trainer.callback_metrics:
-                row[column] = float(trainer.callback_metrics[column])
+            if f"epoch/{column}" in trainer.callback_metrics:
+                row[column] = float(trainer.callback_metrics[f"epoch/{column}"])
         self.rows.append(row)
-        metrics = {key: value for key, value in row.items() if key != "epoch"}
-        mlflow.MlflowClient().log_batch(
-            self.run_id,
-            metrics=[mlflow.entities.Metric(k, v, int(datetime.now().timestamp() * 1000), row["epoch"]) for k, v in metrics.items()],
-        )
 
 
 def loader(table: dict, split: str, batch_size: int, shuffle: bool) -> DataLoader | None:
     mask = table["split"] == split
     if not mask.any():
         return None
-    dataset = TensorDataset(torch.from_numpy(table["features"][mask]), torch.from_numpy(table["label_index"][mask]))
+    dataset = TensorDataset(
+        torch.from_numpy(table["features"][mask]), torch.from_numpy(table["label_index"][mask])
+    )
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
 
 
@@ -56,23 +54,32 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor
     return torch.from_numpy(len(labels) / (num_classes * np.maximum(counts, 1)))
 
 
-def fit_head(cfg: DictConfig, table: dict, callbacks: list[pl.Callback]) -> ClassifierHead:
+def fit_head(
+    cfg: DictConfig, table: dict, callbacks: list[pl.Callback], logger: Logger | bool = False
+) -> ClassifierHead:
     """Train the head on the table's train rows, validating on its validation rows."""
     pl.seed_everything(cfg.train.seed, verbose=False)
     labels = table["meta"]["labels"]
-    head = ClassifierHead(table["features"].shape[1], len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout)
+    head = ClassifierHead(
+        table["features"].shape[1], len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout
+    )
     train_labels = table["label_index"][table["split"] == "train"]
     weights = balanced_class_weights(train_labels, len(labels)) if cfg.train.class_weighting else None
     module = LitHead(head, cfg.train.learning_rate, cfg.train.weight_decay, weights)
     validation = loader(table, "validation", cfg.train.batch_size, shuffle=False)
     if validation is not None and cfg.train.early_stopping_patience > 0:
-        callbacks = [*callbacks, pl.callbacks.EarlyStopping("validation_loss", patience=cfg.train.early_stopping_patience)]
+        callbacks = [
+            *callbacks,
+            pl.callbacks.EarlyStopping("epoch/validation_loss", patience=cfg.train.early_stopping_patience),
+        ]
     trainer = pl.Trainer(
         max_epochs=cfg.train.max_iterations,
         accelerator="auto",
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_model_summary=False,
+        log_every_n_steps=1,  # epoch-level metrics only; silences a warning on small data
+        num_sanity_val_steps=0,  # it would log a point before the first epoch
         enable_progress_bar=show_progress(),
         callbacks=callbacks,
         deterministic=True,
@@ -90,7 +97,9 @@ def write_curve(path: str | Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def save_checkpoint(path: str | Path, head: ClassifierHead, cfg: DictConfig, table: dict, run_id: str) -> None:
+def save_checkpoint(
+    path: str | Path, head: ClassifierHead, cfg: DictConfig, table: dict, run_id: str
+) -> None:
     """The head with everything needed to use it: labels, input size, extractor, run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +120,9 @@ def save_checkpoint(path: str | Path, head: ClassifierHead, cfg: DictConfig, tab
 def load_checkpoint(path: str | Path) -> tuple[ClassifierHead, dict]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     spec = checkpoint["head"]
-    head = ClassifierHead(checkpoint["in_features"], len(checkpoint["labels"]), spec["hidden_sizes"], spec["dropout"])
+    head = ClassifierHead(
+        checkpoint["in_features"], len(checkpoint["labels"]), spec["hidden_sizes"], spec["dropout"]
+    )
     head.load_state_dict(checkpoint["state_dict"])
     return head.eval(), checkpoint
 
@@ -119,15 +130,20 @@ def load_checkpoint(path: str | Path) -> tuple[ClassifierHead, dict]:
 def run(cfg: DictConfig) -> None:
     table = features_for(cfg)
     run_id = tracking.start_run(cfg, table["meta"]["split_sha256"])
-    curve = EpochCurve(run_id)
+    curve = EpochCurve()
+    head = fit_head(cfg, table, [curve], MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id))
+    write_curve(cfg.paths.curves, curve.rows)
     with tracking.resumed_run(cfg, run_id):
-        head = fit_head(cfg, table, [curve])
-        write_curve(cfg.paths.curves, curve.rows)
         mlflow.log_artifact(cfg.paths.curves)
     save_checkpoint(cfg.paths.checkpoint, head, cfg, table, run_id)
     last = curve.rows[-1]
-    log.info("trained %s head for %d epochs: %s (MLflow run %s)", cfg.head.type, len(curve.rows),
-             ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "epoch"), run_id)
+    log.info(
+        "trained %s head for %d epochs: %s (MLflow run %s)",
+        cfg.head.type,
+        len(curve.rows),
+        ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "epoch"),
+        run_id,
+    )
 
 
 main = stage_entry(run)

@@ -1,0 +1,92 @@
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from pipeline.config import CONF_DIR
+
+REPO = CONF_DIR.parent
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    """Hydra config from conf/ with every path moved under tmp_path."""
+
+    def make(*overrides: str):
+        paths = compose_cfg().paths
+        moved = [f"paths.{key}={tmp_path / 'out' / value}" for key, value in paths.items()]
+        return compose_cfg(*moved, *overrides)
+
+    return make
+
+
+def write_image(path: Path, colour: tuple[int, int, int], seed: int, size: int = 320) -> Path:
+    """A distinct, classifiable image: a label's colour with per-image noise."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def make_dataset(root: Path, per_label: int, labels=tuple(COLOURS), start: int = 0) -> list[Path]:
+    return [
+        write_image(
+            root / label / f"{label}_{i}.png", COLOURS[label], seed=zlib.crc32(f"{label}-{i}".encode())
+        )
+        for label in labels
+        for i in range(start, start + per_label)
+    ]
+
+
+def project_env() -> dict[str, str]:
+    """The environment a user's shell would have: venv first, local MLflow store."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+        TQDM_DISABLE="1",
+    )
+    return env
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=project_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def fresh_clone(target: Path) -> Path:
+    """The project's files as a fresh clone has them (tracked plus new, unignored)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+    run(["git", "init", "-q"], target)
+    run(["git", "add", "-A"], target)
+    run(["git", "commit", "-qm", "fresh clone"], target)
+    return target

@@ -1,0 +1,27 @@
+import yaml
+from conftest import REPO, compose_cfg
+from omegaconf import OmegaConf
+
+from pipeline.config import accept_plus_for_defaulted_groups
+
+
+def test_params_yaml_is_conf_composed():
+    """DVC tracks params.yaml; it must say what conf/ says."""
+    composed = OmegaConf.to_container(compose_cfg(), resolve=True)
+    assert yaml.safe_load((REPO / "params.yaml").read_text()) == composed
+
+
+def test_plus_group_selects_the_option():
+    assert accept_plus_for_defaulted_groups(["+extractor=v2", "+train.extra=1", "head=mlp"]) == [
+        "extractor=v2",
+        "+train.extra=1",
+        "head=mlp",
+    ]
+    assert compose_cfg(*accept_plus_for_defaulted_groups(["+extractor=v2"])).extractor.name == "v2"
+
+
+def test_dvc_stages_read_params_yaml():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["split", "extract", "train", "evaluate", "convert"]
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"python -m pipeline.{name} --config-name dvc_stage"

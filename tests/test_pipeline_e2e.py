@@ -1,0 +1,139 @@
+"""The whole pipeline on the demo data, in a fresh copy of the project, through
+the doors users use: dvc repro, python -m pipeline.<stage>, dvc exp run."""
+
+import json
+import re
+import shutil
+import sys
+
+import coremltools as ct
+import mlflow
+import pytest
+from conftest import fresh_clone, run
+from sklearn.linear_model import LogisticRegression
+
+from pipeline.extract import load_table
+
+pytestmark = pytest.mark.slow
+STAGES = ["split", "extract", "train", "evaluate", "convert"]
+
+
+def ran_stages(dvc_output: str) -> list[str]:
+    """Stages DVC says it ran, in its own words ("Running stage 'train':")."""
+    return re.findall(r"Running stage '(\w+)'", dvc_output)
+
+
+def mlflow_runs(project):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("image-classifier")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def edit_conf(project, old: str, new: str) -> None:
+    """Change a parameter where the README says: in conf/, then compose params.yaml."""
+    config = project / "conf/config.yaml"
+    text = config.read_text()
+    assert old in text
+    config.write_text(text.replace(old, new))
+    run([sys.executable, "-m", "pipeline.params"], project)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = fresh_clone(tmp_path_factory.mktemp("clone"))
+    result = run(["dvc", "repro"], project)
+    assert set(ran_stages(result.stdout)) >= {"extract", "train", "evaluate", "convert"}
+    return project
+
+
+def test_first_repro_writes_model_metrics_and_a_finished_mlflow_run(project):
+    assert (project / "models/ImageClassifier.mlpackage").is_dir()
+    assert (project / "models/ImageClassifier.onnx").is_file()
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(metrics) == {"train", "validation", "test"}
+    assert set(metrics["test"]["per_class"]) == {"flag", "fruit", "mammal", "vehicle"}
+    assert sum(c["count"] for c in metrics["test"]["per_class"].values()) == 60
+    assert metrics["test"]["accuracy"] >= 0.8
+
+    client, runs = mlflow_runs(project)
+    latest = runs[0]
+    assert latest.info.status == "FINISHED"
+    assert latest.data.params["extractor.name"] == "v1"
+    assert latest.data.metrics["test_accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    for curve in ("train_accuracy", "validation_accuracy", "train_loss", "validation_loss"):
+        history = client.get_metric_history(latest.info.run_id, f"epoch/{curve}")
+        assert [m.step for m in history] == list(range(100))  # one point per epoch
+    artifacts = {a.path for a in client.list_artifacts(latest.info.run_id)}
+    assert {"config.yaml", "metrics.json", "coreml"} <= artifacts
+    assert client.get_registered_model("ImageClassifier").latest_versions
+
+
+def test_core_ml_model_takes_an_image_and_returns_a_label(project):
+    spec = ct.utils.load_spec(str(project / "models/ImageClassifier.mlpackage"))
+    (image,) = spec.description.input
+    assert image.name == "image" and image.type.WhichOneof("Type") == "imageType"
+    assert (image.type.imageType.width, image.type.imageType.height) == (224, 224)
+    outputs = {o.name: o.type.WhichOneof("Type") for o in spec.description.output}
+    assert outputs == {"classLabel": "stringType", "classLabelProbs": "dictionaryType"}
+    assert spec.description.predictedFeatureName == "classLabel"
+    assert spec.description.predictedProbabilitiesName == "classLabelProbs"
+    assert spec.description.metadata.userDefined["labels"] == "flag,fruit,mammal,vehicle"
+
+
+def test_lightning_head_matches_sklearn_logistic_regression(project):
+    table = load_table(project / "artifacts/features.npz")
+    train, test = table["split"] == "train", table["split"] == "test"
+    sklearn = LogisticRegression(max_iter=5000).fit(table["features"][train], table["label_index"][train])
+    reference = sklearn.score(table["features"][test], table["label_index"][test])
+    ours = json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"]
+    print(f"demo test accuracy: lightning head {ours:.4f}, sklearn logistic regression {reference:.4f}")
+    assert ours >= reference - 0.02
+
+
+def test_second_repro_runs_nothing(project):
+    assert ran_stages(run(["dvc", "repro"], project).stdout) == []
+
+
+def test_learning_rate_change_reruns_train_onward(project):
+    edit_conf(project, "learning_rate: 0.003", "learning_rate: 0.01")
+    assert ran_stages(run(["dvc", "repro"], project).stdout) == ["train", "evaluate", "convert"]
+
+
+def test_extractor_v2_reruns_extract_onward(project):
+    edit_conf(project, "- extractor: v1", "- extractor: v2")
+    assert ran_stages(run(["dvc", "repro"], project).stdout) == ["extract", "train", "evaluate", "convert"]
+    _, runs = mlflow_runs(project)
+    assert runs[0].data.params["extractor.name"] == "v2"
+    print("demo v2 metrics:", (project / "reports/metrics.json").read_text())
+
+
+def test_train_plus_extractor_v2_as_typed(project):
+    edit_conf(project, "- extractor: v2", "- extractor: v1")  # v2 comes from the command line
+    for cached in [project / "artifacts/features.npz", *(project / "artifacts/feature_cache").glob("v2-*")]:
+        shutil.rmtree(cached) if cached.is_dir() else cached.unlink()
+    result = run([sys.executable, "-m", "pipeline.train", "+extractor=v2"], project)
+    assert "v2" in result.stdout
+    _, runs = mlflow_runs(project)
+    assert runs[0].data.params["extractor.name"] == "v2"
+    assert runs[0].info.status == "FINISHED"
+
+
+def test_dvc_exp_run_with_override_is_listed(project):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    run(["dvc", "exp", "run", "-n", "faster-lr", "-S", "train.learning_rate=0.03"], project)
+    experiments = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    (listed,) = [exp for exp in walk(experiments) if exp.get("name") == "faster-lr"]
+    params = listed["data"]["params"]["params.yaml"]["data"]
+    assert params["train"]["learning_rate"] == 0.03
+    assert "test" in listed["data"]["metrics"]["reports/metrics.json"]["data"]
+
+
+def walk(node):
+    """Every dict in `dvc exp show --json`, however DVC nests commits and experiments."""
+    if isinstance(node, dict):
+        yield node
+        node = list(node.values())
+    if isinstance(node, list):
+        for child in node:
+            yield from walk(child)
