@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import coremltools as ct
+import coremltools.optimize.coreml as cto
 import mlflow
 import numpy as np
 import onnx
@@ -15,12 +16,19 @@ from torch import nn
 from pipeline import tracking
 from pipeline.backbone import Normalize, load_backbone
 from pipeline.config import stage_entry
+from pipeline.files import write_json
 from pipeline.train import load_checkpoint
 
 log = logging.getLogger(__name__)
 logging.getLogger("coremltools").setLevel(logging.WARNING)  # one line per removed op otherwise
 
-PRECISIONS = {"float32": ct.precision.FLOAT32, "float16": ct.precision.FLOAT16}
+# model.precision -> how Core ML computes; "int8" also stores weights as 8-bit
+# integers (per-channel linear quantization), computing in float16.
+COMPUTE_PRECISION = {
+    "float32": ct.precision.FLOAT32,
+    "float16": ct.precision.FLOAT16,
+    "int8": ct.precision.FLOAT16,
+}
 
 
 class ImageToProbabilities(nn.Module):
@@ -69,9 +77,13 @@ def to_core_ml(cfg: DictConfig, head: nn.Module, checkpoint: dict) -> ct.models.
         inputs=[core_ml_image_input(extractor)],
         classifier_config=ct.ClassifierConfig(labels),
         convert_to="mlprogram",
-        compute_precision=PRECISIONS[cfg.model.precision],
-        minimum_deployment_target=ct.target.iOS15,
+        compute_precision=COMPUTE_PRECISION[cfg.model.precision],
+        # 8-bit weights need iOS 16's constexpr dequantisation op
+        minimum_deployment_target=ct.target.iOS16 if cfg.model.precision == "int8" else ct.target.iOS15,
     )
+    if cfg.model.precision == "int8":
+        quantize = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8")
+        mlmodel = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=quantize))
     spec = mlmodel.get_spec()
     probabilities = next(o.name for o in spec.description.output if o.name != "classLabel")
     ct.utils.rename_feature(spec, probabilities, "classLabelProbs")
@@ -120,6 +132,14 @@ def to_onnx(cfg: DictConfig, head: nn.Module, checkpoint: dict, path: Path) -> N
     onnx.save(proto, path)
 
 
+def size_on_disk(path: Path) -> int:
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
+
+
 def run(cfg: DictConfig) -> None:
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     models = Path(cfg.paths.models_dir)
@@ -127,7 +147,16 @@ def run(cfg: DictConfig) -> None:
     mlpackage, onnx_path = models / f"{cfg.model.name}.mlpackage", models / f"{cfg.model.name}.onnx"
     to_core_ml(cfg, head, checkpoint).save(str(mlpackage))
     to_onnx(cfg, head, checkpoint, onnx_path)
+    sizes = {
+        "precision": cfg.model.precision,
+        "mlpackage_bytes": size_on_disk(mlpackage),
+        "onnx_bytes": size_on_disk(onnx_path),
+    }
+    write_json(cfg.paths.model_report, sizes)
     with tracking.resumed_run(cfg, checkpoint["mlflow_run_id"]):
+        mlflow.log_metrics(
+            {"mlpackage_mb": sizes["mlpackage_bytes"] / 2**20, "onnx_mb": sizes["onnx_bytes"] / 2**20}
+        )
         mlflow.log_artifact(str(mlpackage), "coreml")
         mlflow.onnx.log_model(
             onnx.load(onnx_path),
@@ -136,7 +165,14 @@ def run(cfg: DictConfig) -> None:
             onnx_execution_providers=["CPUExecutionProvider"],
             input_example=np.zeros((1, 3, cfg.extractor.input_size, cfg.extractor.input_size), np.float32),
         )
-    log.info("wrote %s and %s", mlpackage, onnx_path)
+    log.info(
+        "wrote %s (%s, %.1f MB) and %s (float32, %.1f MB)",
+        mlpackage,
+        cfg.model.precision,
+        sizes["mlpackage_bytes"] / 2**20,
+        onnx_path,
+        sizes["onnx_bytes"] / 2**20,
+    )
 
 
 main = stage_entry(run)

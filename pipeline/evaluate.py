@@ -18,7 +18,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from pipeline import tracking
 from pipeline.config import stage_entry
 from pipeline.extract import features_for
-from pipeline.split import write_json
+from pipeline.files import write_csv, write_json
 from pipeline.train import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -77,15 +77,6 @@ def evaluate(head: torch.nn.Module, table: dict) -> tuple[dict, list[dict]]:
     return metrics, rows
 
 
-def write_rows(path: str | Path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot_confusion(rows: list[dict], labels: list[str], split: str, path: Path) -> None:
     chosen = [row for row in rows if row["split"] == split]
     matrix = confusion_matrix([r["actual"] for r in chosen], [r["predicted"] for r in chosen], labels=labels)
@@ -141,9 +132,9 @@ def run(cfg: DictConfig) -> None:
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     metrics, rows = evaluate(head, features_for(cfg))
     write_json(cfg.paths.metrics, metrics)
-    write_rows(cfg.paths.predictions, rows)
+    write_csv(cfg.paths.predictions, rows)
     confusion_split = "test" if "test" in metrics else "validation" if "validation" in metrics else "train"
-    write_rows(
+    write_csv(
         cfg.paths.confusion,
         [{"actual": r["actual"], "predicted": r["predicted"]} for r in rows if r["split"] == confusion_split],
     )

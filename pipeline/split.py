@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.config import stage_entry
+from pipeline.files import write_json
 from pipeline.images import DataError, LabelledImage, Skipped, scan_labelled_folder
 
 log = logging.getLogger(__name__)
@@ -120,12 +121,6 @@ def data_report(split: dict) -> dict:
     for (name, label), n in sorted(counts.items()):
         per_split.setdefault(name, {})[label] = n
     return {"images": per_split, "skipped": split["skipped"]}
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def run(cfg: DictConfig) -> None:

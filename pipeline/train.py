@@ -1,6 +1,5 @@
 """Stage `train`: a Lightning head on the cached features (SPEC 3)."""
 
-import csv
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline import tracking
 from pipeline.config import show_progress, stage_entry
 from pipeline.extract import features_for
+from pipeline.files import write_csv
 from pipeline.head import ClassifierHead
 from pipeline.lit_head import LitHead
 
@@ -88,15 +88,6 @@ def fit_head(
     return head.eval()
 
 
-def write_curve(path: str | Path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CURVE_COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def save_checkpoint(
     path: str | Path, head: ClassifierHead, cfg: DictConfig, table: dict, run_id: str
 ) -> None:
@@ -132,7 +123,7 @@ def run(cfg: DictConfig) -> None:
     run_id = tracking.start_run(cfg, table["meta"]["split_sha256"])
     curve = EpochCurve()
     head = fit_head(cfg, table, [curve], MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id))
-    write_curve(cfg.paths.curves, curve.rows)
+    write_csv(cfg.paths.curves, curve.rows, CURVE_COLUMNS)
     with tracking.resumed_run(cfg, run_id):
         mlflow.log_artifact(cfg.paths.curves)
     save_checkpoint(cfg.paths.checkpoint, head, cfg, table, run_id)

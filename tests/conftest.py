@@ -90,3 +90,20 @@ def fresh_clone(target: Path) -> Path:
     run(["git", "add", "-A"], target)
     run(["git", "commit", "-qm", "fresh clone"], target)
     return target
+
+
+@pytest.fixture(scope="session")
+def demo_project(tmp_path_factory) -> Path:
+    """A fresh clone after the README's `dvc repro` on the demo data. Read only:
+    tests that change it work on a copy (`copy_project`)."""
+    project = fresh_clone(tmp_path_factory.mktemp("demo"))
+    project_repro_output[project] = run(["dvc", "repro"], project).stdout
+    return project
+
+
+project_repro_output: dict[Path, str] = {}
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, symlinks=True)
+    return target

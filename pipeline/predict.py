@@ -1,0 +1,91 @@
+"""`python -m pipeline.predict IMAGE_OR_FOLDER... [--top-k K] [--json]`: Create ML's
+Preview, the top labels with their confidence, from the exported ONNX model."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from hydra import compose, initialize_config_dir
+
+from pipeline.config import CONF_DIR
+from pipeline.images import center_crop_square, is_hidden, load_rgb
+
+
+def default_model() -> Path:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config")
+    return Path(cfg.paths.models_dir) / f"{cfg.model.name}.onnx"
+
+
+def image_files(arguments: list[str]) -> list[Path]:
+    files = []
+    for argument in map(Path, arguments):
+        if argument.is_dir():
+            files += sorted(p for p in argument.rglob("*") if p.is_file() and not is_hidden(p))
+        else:
+            files.append(argument)
+    return files
+
+
+class Classifier:
+    """The exported model with the preprocessing its README contract states."""
+
+    def __init__(self, model: Path):
+        self.session = ort.InferenceSession(str(model), providers=ort.get_available_providers())
+        self.labels = self.session.get_modelmeta().custom_metadata_map["labels"].split(",")
+        self.size = self.session.get_inputs()[0].shape[-1]
+
+    def top_k(self, path: Path, k: int) -> list[tuple[str, float]]:
+        pixels = center_crop_square(load_rgb(path, min_side=self.size), self.size)
+        image = pixels.transpose(2, 0, 1)[None].astype(np.float32)
+        probabilities = self.session.run(None, {"image": image})[0][0]
+        best = np.argsort(-probabilities)[:k]
+        return [(self.labels[i], float(probabilities[i])) for i in best]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__)
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("--top-k", type=int, default=3, help="labels to show per image (default 3)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--model", type=Path, default=None, help="ONNX model (default: the pipeline's)")
+    args = parser.parse_args(argv)
+    model = args.model or default_model()
+    if not model.is_file():
+        print(f"error: no model at {model}: run `dvc repro` first", file=sys.stderr)
+        return 2
+    classifier = Classifier(model)
+    results, failed = [], 0
+    for path in image_files(args.images):
+        try:
+            results.append({"path": str(path), "top_k": classifier.top_k(path, args.top_k)})
+        except Exception as error:  # one unreadable file must not hide the others' answers
+            print(f"error: {path}: cannot read image ({error})", file=sys.stderr)
+            failed += 1
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "path": r["path"],
+                        "predictions": [{"label": lbl, "confidence": c} for lbl, c in r["top_k"]],
+                    }
+                    for r in results
+                ],
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+    else:
+        for result in results:
+            print(result["path"])
+            for label, confidence in result["top_k"]:
+                print(f"  {confidence:7.2%}  {label}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
