@@ -1,6 +1,7 @@
 """Stage `convert`: one Core ML model and its ONNX twin, backbone and head
 together, taking a plain RGB image (SPEC 5)."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def to_core_ml(cfg: DictConfig, head: nn.Module, checkpoint: dict) -> ct.models.
         {
             "extractor": extractor.name,
             "architecture": extractor.architecture,
-            "labels": ",".join(labels),
+            "labels": json.dumps(labels, ensure_ascii=False),  # labels may hold commas
             "trained_at": checkpoint["trained_at"],
             "data_fingerprint": checkpoint["data_fingerprint"],
         }
@@ -124,7 +125,7 @@ def to_onnx(cfg: DictConfig, head: nn.Module, checkpoint: dict, path: Path) -> N
     )
     proto = onnx.load(path)
     for key, value in {
-        "labels": ",".join(checkpoint["labels"]),
+        "labels": json.dumps(checkpoint["labels"], ensure_ascii=False),
         "extractor": cfg.extractor.name,
         "input": f"image: float32 (1, 3, {size}, {size}) RGB 0..255, center-cropped",
     }.items():

@@ -3,6 +3,7 @@ confusion matrix and the misclassified images (SPEC 3, 4)."""
 
 import csv
 import logging
+import re
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from pipeline import tracking
+from pipeline import report, tracking
 from pipeline.config import stage_entry
 from pipeline.extract import features_for
 from pipeline.files import write_csv, write_json
@@ -35,9 +36,8 @@ def split_metrics(truth: np.ndarray, predicted: np.ndarray, labels: list[str], p
     metrics = {"accuracy": float(accuracy_score(truth, predicted))}
     if per_class:
         indices = list(range(len(labels)))
-        precision, recall, f1, count = precision_recall_fscore_support(
-            truth, predicted, labels=indices, zero_division=0
-        )
+        scores = precision_recall_fscore_support(truth, predicted, labels=indices, zero_division=0)
+        precision, recall, f1, count = scores
         metrics["per_class"] = {
             label: {
                 "count": int(count[i]),
@@ -47,7 +47,25 @@ def split_metrics(truth: np.ndarray, predicted: np.ndarray, labels: list[str], p
             }
             for i, label in enumerate(labels)
         }
+        for average in ("macro", "weighted"):
+            p, r, f, _ = precision_recall_fscore_support(
+                truth, predicted, labels=indices, average=average, zero_division=0
+            )
+            metrics[f"{average}_avg"] = {"precision": float(p), "recall": float(r), "f1": float(f)}
     return metrics
+
+
+def too_few_to_judge(metrics: dict, minimum: int) -> list[str]:
+    """Labels whose test (else validation) count makes their precision and recall noise."""
+    split = "test" if "test" in metrics else "validation"
+    if split not in metrics:
+        return ["no validation or test images: the accuracies above are on the training data only"]
+    return [
+        f"'{label}' has {scores['count']} {split} images: too few to judge its precision and recall "
+        f"(fewer than {minimum})"
+        for label, scores in metrics[split]["per_class"].items()
+        if scores["count"] < minimum
+    ]
 
 
 def evaluate(head: torch.nn.Module, table: dict) -> tuple[dict, list[dict]]:
@@ -117,6 +135,11 @@ def plot_curves(curve_csv: Path, path: Path) -> None:
     plt.close(figure)
 
 
+def mlflow_metric_name(name: str) -> str:
+    """MLflow takes letters, digits and `_-. :/` in names; labels may hold anything."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
 def mlflow_metrics(metrics: dict) -> dict[str, float]:
     """metrics.json flattened: test_accuracy, test_fruit_recall, ..."""
     flat = {}
@@ -124,7 +147,7 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
         flat[f"{split}_accuracy"] = values["accuracy"]
         for label, scores in values.get("per_class", {}).items():
             for name in ("precision", "recall", "f1"):
-                flat[f"{split}_{label}_{name}"] = scores[name]
+                flat[mlflow_metric_name(f"{split}_{label}_{name}")] = scores[name]
     return flat
 
 
@@ -142,12 +165,20 @@ def run(cfg: DictConfig) -> None:
     plots.mkdir(parents=True, exist_ok=True)
     plot_confusion(rows, checkpoint["labels"], confusion_split, plots / "confusion_matrix.png")
     plot_curves(Path(cfg.paths.curves), plots / "training_curves.png")
+    misclassified = [r for r in rows if r["split"] != "train" and r["actual"] != r["predicted"]]
+    write_csv(cfg.paths.misclassified, misclassified, list(rows[0]))
+    warnings = too_few_to_judge(metrics, cfg.evaluate.min_images_to_judge)
+    for warning in warnings:
+        log.warning("%s", warning)
+    page = report.render(metrics, misclassified, warnings, plots, f"{cfg.model.name}: evaluation")
+    Path(cfg.paths.report).write_text(page, encoding="utf-8")
     with tracking.resumed_run(cfg, checkpoint["mlflow_run_id"]):
         mlflow.log_metrics(mlflow_metrics(metrics))
-        for path in (cfg.paths.metrics, cfg.paths.predictions):
+        for path in (cfg.paths.metrics, cfg.paths.predictions, cfg.paths.misclassified, cfg.paths.report):
             mlflow.log_artifact(path)
         mlflow.log_artifacts(str(plots), "plots")
     log.info("accuracy: %s", ", ".join(f"{split} {m['accuracy']:.3f}" for split, m in metrics.items()))
+    log.info("report: %s", cfg.paths.report)
 
 
 main = stage_entry(run)

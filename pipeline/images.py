@@ -31,6 +31,8 @@ class LabelledImage:
     path: str
     label: str
     sha256: str
+    width: int
+    height: int
 
 
 def is_hidden(path: Path) -> bool:
@@ -38,27 +40,39 @@ def is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def check_image(path: Path, max_pixels: int, decode: bool) -> tuple[int, int]:
+    """(width, height) of a usable image; ValueError with the reason otherwise.
 
-
-def read_header(path: Path, max_pixels: int) -> None:
-    """Raise ValueError with a user-facing reason if `path` is not a usable image."""
-    if path.stat().st_size == 0:
-        raise ValueError("empty file")
+    `decode` decodes the whole file (JPEG at 1/8 scale, which still reads every
+    byte) to catch truncated files, whose header alone looks fine.
+    """
     try:
-        with Image.open(path) as image:
-            width, height = image.size
+        image = Image.open(path)
     except Image.DecompressionBombError as error:
         raise ValueError(f"image too large ({error})") from None
     except Exception as error:  # Pillow raises many types for non-images
         raise ValueError(f"not a readable image ({type(error).__name__}: {error})") from None
-    if width * height > max_pixels:
-        raise ValueError(f"image too large ({width}x{height} pixels > {max_pixels})")
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ValueError(f"image too large ({width}x{height} pixels > {max_pixels})")
+        if decode:
+            try:
+                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                image.load()
+            except Exception as error:
+                raise ValueError(f"truncated or corrupt image ({type(error).__name__}: {error})") from None
+    return width, height
 
 
-def scan_labelled_folder(root: Path, max_pixels: int) -> tuple[list[LabelledImage], list[Skipped]]:
-    """Every file under `root/<label>/...`, either usable or skipped with a reason."""
+def scan_labelled_folder(
+    root: Path, max_pixels: int, verified: set[str] = frozenset()
+) -> tuple[list[LabelledImage], list[Skipped]]:
+    """Every file under `root/<label>/...`, either usable or skipped with a reason.
+
+    Images whose content hash is in `verified` were fully decoded by an earlier
+    run, so only their header is read again.
+    """
     images, skipped = [], []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
@@ -68,12 +82,17 @@ def scan_labelled_folder(root: Path, max_pixels: int) -> tuple[list[LabelledImag
         if len(relative.parts) == 1:
             skipped.append(Skipped(str(path), "not inside a label folder"))
             continue
+        content = path.read_bytes()
+        if not content:
+            skipped.append(Skipped(str(path), "empty file"))
+            continue
+        sha256 = hashlib.sha256(content).hexdigest()
         try:
-            read_header(path, max_pixels)
+            width, height = check_image(path, max_pixels, decode=sha256 not in verified)
         except ValueError as error:
             skipped.append(Skipped(str(path), str(error)))
             continue
-        images.append(LabelledImage(str(path), relative.parts[0], file_sha256(path)))
+        images.append(LabelledImage(str(path), relative.parts[0], sha256, width, height))
     return images, skipped
 
 

@@ -35,7 +35,7 @@ class Classifier:
 
     def __init__(self, model: Path):
         self.session = ort.InferenceSession(str(model), providers=ort.get_available_providers())
-        self.labels = self.session.get_modelmeta().custom_metadata_map["labels"].split(",")
+        self.labels = json.loads(self.session.get_modelmeta().custom_metadata_map["labels"])
         self.size = self.session.get_inputs()[0].shape[-1]
 
     def top_k(self, path: Path, k: int) -> list[tuple[str, float]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.config import stage_entry
+from pipeline.data_checks import data_warnings
 from pipeline.files import write_json
 from pipeline.images import DataError, LabelledImage, Skipped, scan_labelled_folder
 
@@ -73,6 +74,13 @@ def previous_assignments(path: Path, fraction: float, seed: int) -> dict[str, st
     return {row["sha256"]: row["split"] for row in last["images"] if row["split"] != "test"}
 
 
+def previously_verified(path: Path) -> set[str]:
+    """Content hashes the last split decoded in full: they need not be decoded again."""
+    if not path.is_file():
+        return set()
+    return {row["sha256"] for row in json.loads(path.read_text(encoding="utf-8"))["images"]}
+
+
 def assign_splits(train: list[LabelledImage], test: list[LabelledImage], validation: set[str]) -> list[dict]:
     rows = [{**vars(i), "split": "validation" if i.sha256 in validation else "train"} for i in train]
     return rows + [{**vars(image), "split": "test"} for image in test]
@@ -93,11 +101,14 @@ def make_split(cfg: DictConfig) -> dict:
     train_dir = Path(cfg.data.train_dir)
     if not train_dir.is_dir():
         raise DataError(f"training folder not found: {train_dir}")
-    train, skipped = scan_labelled_folder(train_dir, cfg.data.max_image_pixels)
+    verified = previously_verified(Path(cfg.paths.split))
+    train, skipped = scan_labelled_folder(train_dir, cfg.data.max_image_pixels, verified)
     check_trainable(train_dir, train)
     test: list[LabelledImage] = []
     if cfg.data.test_dir and Path(cfg.data.test_dir).is_dir():
-        test, skipped_test = scan_labelled_folder(Path(cfg.data.test_dir), cfg.data.max_image_pixels)
+        test, skipped_test = scan_labelled_folder(
+            Path(cfg.data.test_dir), cfg.data.max_image_pixels, verified
+        )
         skipped += skipped_test
         labels = {image.label for image in train}
         for image in [i for i in test if i.label not in labels]:
@@ -112,6 +123,7 @@ def make_split(cfg: DictConfig) -> dict:
         "seed": cfg.split.seed,
         "images": assign_splits(train, test, validation),
         "skipped": [vars(s) for s in skipped],
+        "warnings": data_warnings(train, test),
     }
 
 
@@ -120,13 +132,15 @@ def data_report(split: dict) -> dict:
     per_split: dict[str, dict[str, int]] = {}
     for (name, label), n in sorted(counts.items()):
         per_split.setdefault(name, {})[label] = n
-    return {"images": per_split, "skipped": split["skipped"]}
+    return {"images": per_split, "skipped": split["skipped"], "warnings": split["warnings"]}
 
 
 def run(cfg: DictConfig) -> None:
     split = make_split(cfg)
     for item in split["skipped"]:
         log.warning("skipped %s: %s", item["path"], item["reason"])
+    for warning in split["warnings"]:
+        log.warning("%s", warning)
     report = data_report(split)
     for name, labels in report["images"].items():
         log.info("%s: %s", name, ", ".join(f"{label} {n}" for label, n in labels.items()))

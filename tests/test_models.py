@@ -2,7 +2,10 @@
 
 import csv
 import json
+import shutil
+import subprocess
 import sys
+from datetime import datetime
 
 import coremltools as ct
 import numpy as np
@@ -10,7 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import compose_cfg, run
-from coremltools.converters.mil.frontend.milproto import load as load_mil
+from coremltools.converters.mil.frontend.milproto.load import load as load_mil
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.convert import full_model
@@ -35,9 +39,11 @@ def test_core_ml_spec_is_an_image_classifier(demo_project):
     assert spec.description.predictedProbabilitiesName == "classLabelProbs"
     assert list(spec.mlProgram.functions["main"].block_specializations) == ["CoreML5"]  # iOS 15 opset
     metadata = spec.description.metadata
-    assert metadata.userDefined["labels"] == ",".join(LABELS)
+    assert json.loads(metadata.userDefined["labels"]) == LABELS
     assert metadata.userDefined["extractor"] == "v1"
-    assert metadata.userDefined["trained_at"] and metadata.userDefined["data_fingerprint"]
+    user = dict(metadata.userDefined)
+    assert datetime.fromisoformat(user["trained_at"]).tzinfo is not None
+    assert len(user["data_fingerprint"]) == 64
     assert metadata.shortDescription and metadata.versionString == "1.0"
     # The normalisation is the image input's scale and bias: the program's first ops.
     program = load_mil(spec, spec.specificationVersion, model.weights_dir)
@@ -54,7 +60,7 @@ def demo_test_predictions(project) -> list[dict]:
 
 def test_onnx_twin_predicts_what_the_pipeline_measured(demo_project):
     session = ort.InferenceSession(str(demo_project / "models/ImageClassifier.onnx"))
-    labels = session.get_modelmeta().custom_metadata_map["labels"].split(",")
+    labels = json.loads(session.get_modelmeta().custom_metadata_map["labels"])
     rows = demo_test_predictions(demo_project)
     assert len(rows) == 60
     for row in rows:
@@ -112,3 +118,43 @@ def test_predict_agrees_with_evaluate(demo_project):
     (best,) = answer["predictions"]
     assert best["label"] == row["predicted"]
     assert best["confidence"] == pytest.approx(float(row["confidence"]), abs=1e-4)
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_html_report_renders_in_chromium(demo_project, tmp_path):
+    chromium = shutil.which("chromium") or pytest.skip("chromium is not installed (.ci/run installs it)")
+    page = (demo_project / "reports/report.html").as_uri()
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=180)
+    assert "Uncaught" not in dom.stderr, dom.stderr[-2000:]
+    metrics = json.loads((demo_project / "reports/metrics.json").read_text())
+    assert "Per label, test" in dom.stdout
+    for label in LABELS:
+        assert f"<td>{label}</td>" in dom.stdout
+    assert f"{metrics['test']['accuracy']:.1%}" in dom.stdout
+    screenshot = tmp_path / "report.png"
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={screenshot}", "--window-size=1200,1600", page],
+        capture_output=True,
+        timeout=180,
+        check=True,
+    )
+    pixels = np.asarray(Image.open(screenshot).convert("L"))
+    assert pixels.shape == (1600, 1200) and pixels.std() > 20  # a page, not a blank window
+
+
+def test_dvc_plots_show_curves_and_confusion_matrix(demo_project):
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], demo_project).stdout)
+    assert {"Accuracy", "Loss", "Confusion matrix"} <= set(plots)
+    assert any(name.endswith("confusion_matrix.png") for name in plots)
