@@ -159,13 +159,14 @@ def run(cfg: DictConfig) -> None:
             {"mlpackage_mb": sizes["mlpackage_bytes"] / 2**20, "onnx_mb": sizes["onnx_bytes"] / 2**20}
         )
         mlflow.log_artifact(str(mlpackage), "coreml")
-        mlflow.onnx.log_model(
+        model = mlflow.onnx.log_model(
             onnx.load(onnx_path),
             name="model",
             registered_model_name=cfg.model.name,
             onnx_execution_providers=["CPUExecutionProvider"],
             input_example=np.zeros((1, 3, cfg.extractor.input_size, cfg.extractor.input_size), np.float32),
         )
+        mlflow.set_tag("model_version", str(model.registered_model_version))  # which version this run made
     log.info(
         "wrote %s (%s, %.1f MB) and %s (float32, %.1f MB)",
         mlpackage,

@@ -14,9 +14,12 @@ from pipeline.config import CONF_DIR, accept_plus_for_defaulted_groups
 PARAMS_FILE = CONF_DIR.parent / "params.yaml"
 
 
-def main() -> None:
-    overrides = accept_plus_for_defaulted_groups(sys.argv[1:])
+def compose_params(overrides: list[str]) -> None:
     compose_and_dump(PARAMS_FILE, str(CONF_DIR), None, "config", str(CONF_DIR.parent), overrides)
+
+
+def main() -> None:
+    compose_params(accept_plus_for_defaulted_groups(sys.argv[1:]))
     print(f"wrote {PARAMS_FILE}")
 
 

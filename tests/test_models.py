@@ -47,7 +47,7 @@ def test_core_ml_spec_is_an_image_classifier(demo_project):
     assert metadata.shortDescription and metadata.versionString == "1.0"
     # The normalisation is the image input's scale and bias: the program's first ops.
     program = load_mil(spec, spec.specificationVersion, model.weights_dir)
-    scale, bias = (op for op in program.functions["main"].operations if op.op_type in ("mul", "add"))
+    scale, bias = [op for op in program.functions["main"].operations if op.op_type in ("mul", "add")][:2]
     assert (scale.op_type, bias.op_type) == ("mul", "add")
     assert float(scale.inputs["y"].val) == pytest.approx(1 / (255 * 0.5), rel=1e-3)
     assert np.allclose(np.ravel(bias.inputs["y"].val), -1.0, atol=1e-3)  # -mean / std
@@ -75,7 +75,9 @@ def int8_like_core_ml(model: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
         for weight in model.parameters():
             if weight.dim() >= 2 and weight.numel() >= 2048:
-                scale = weight.abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True) / 127
+                scale = (
+                    weight.abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True).clamp_min(1e-12) / 127
+                )
                 weight.copy_((weight / scale).round().clamp(-128, 127) * scale)
     return model
 
@@ -155,6 +157,6 @@ def test_html_report_renders_in_chromium(demo_project, tmp_path):
 
 
 def test_dvc_plots_show_curves_and_confusion_matrix(demo_project):
-    plots = json.loads(run(["dvc", "plots", "show", "--json"], demo_project).stdout)
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], demo_project).stdout)["data"]
     assert {"Accuracy", "Loss", "Confusion matrix"} <= set(plots)
     assert any(name.endswith("confusion_matrix.png") for name in plots)

@@ -4,11 +4,15 @@ the doors users use: dvc repro, python -m pipeline.<stage>, dvc exp run."""
 import json
 import re
 import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 
 import mlflow
 import pytest
-from conftest import copy_project, project_repro_output, run
+from conftest import copy_project, project_env, project_repro_output, run
 
 pytestmark = pytest.mark.slow
 STAGES = ["split", "extract", "train", "evaluate", "convert"]
@@ -130,3 +134,61 @@ def walk(node):
     if isinstance(node, list):
         for child in node:
             yield from walk(child)
+
+
+def test_mlflow_server_compares_runs_across_extractors(project):
+    with socket.socket() as probe:  # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{project / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=project,
+        env=project_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(1)
+        with urllib.request.urlopen(
+            f"{api}/experiments/get-by-name?experiment_name=image-classifier"
+        ) as reply:
+            experiment_id = json.load(reply)["experiment"]["experiment_id"]
+        request = urllib.request.Request(
+            f"{api}/runs/search",
+            data=json.dumps({"experiment_ids": [experiment_id], "max_results": 500}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as reply:
+            runs = json.load(reply)["runs"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    evaluated = {}
+    for found in runs:
+        params = {p["key"]: p["value"] for p in found["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in found["data"].get("metrics", [])}
+        if "test_accuracy" in metrics:
+            evaluated.setdefault(params["extractor.name"], []).append((set(params), metrics))
+    assert {"v1", "v2"} <= set(evaluated)
+    (v1_keys, v1_metrics), (v2_keys, v2_metrics) = evaluated["v1"][0], evaluated["v2"][0]
+    assert v1_keys == v2_keys  # the same parameter columns side by side
+    assert {"test_accuracy", "validation_accuracy", "test_flag_recall"} <= set(v1_metrics) & set(v2_metrics)

@@ -1,0 +1,132 @@
+"""`python -m pipeline.retrain [overrides]`: retraining that is safe to schedule.
+
+Retrains only when the images, the parameters (conf/) or the code changed since
+the last run; promotes the new model version (MLflow alias `champion`) only when
+it beats the champion on the chosen metric by the configured margin; never runs
+twice at once. The exit code tells the scheduler what happened.
+"""
+
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig
+
+from pipeline import tracking
+from pipeline.config import CONF_DIR, stage_entry
+from pipeline.params import compose_params
+from pipeline.train import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+UP_TO_DATE, FAILED, PROMOTED, KEPT, LOCKED = 0, 1, 10, 11, 75  # 75: EX_TEMPFAIL, "try again later"
+CHAMPION = "champion"
+
+
+@contextmanager
+def exclusive_lock(path: Path):
+    """Yields whether this process holds the lock. The kernel drops a flock when its
+    holder dies, so a crashed run never leaves a lock that blocks the next one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        try:
+            yield True
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def pipeline_is_up_to_date(root: Path) -> bool:
+    status = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(status.stdout or "{}") == {}
+
+
+def chosen_metric(setting: str, metrics: dict) -> str:
+    """'auto': test accuracy when there is a test set, else validation accuracy."""
+    if setting == "auto":
+        return "test.accuracy" if "test" in metrics else "validation.accuracy"
+    return setting
+
+
+def metric_value(metrics: dict, dotted: str) -> float:
+    value = metrics
+    for key in dotted.split("."):
+        value = value[key]
+    return float(value)
+
+
+def decide(candidate: float, champion: float | None, margin: float) -> tuple[bool, str]:
+    if champion is None:
+        return True, f"first model: {candidate:.4f}"
+    if candidate >= champion + margin:
+        return True, f"{candidate:.4f} beats the champion's {champion:.4f} by at least {margin}"
+    return False, f"{candidate:.4f} does not beat the champion's {champion:.4f} by {margin}"
+
+
+def promote_or_keep(cfg: DictConfig, metrics: dict) -> int:
+    """Compare the version this run registered with the champion; record why."""
+    _, checkpoint = load_checkpoint(cfg.paths.checkpoint)
+    client = mlflow.MlflowClient()
+    run = client.get_run(checkpoint["mlflow_run_id"])
+    name, version = cfg.model.name, run.data.tags["model_version"]
+    metric = chosen_metric(cfg.retrain.metric, metrics)
+    candidate = metric_value(metrics, metric)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        champion_value = float(champion.tags[f"retrain.{metric}"])
+    except mlflow.exceptions.MlflowException:
+        champion, champion_value = None, None
+    promote, why = decide(candidate, champion_value, cfg.retrain.margin)
+    client.set_model_version_tag(name, version, f"retrain.{metric}", str(candidate))
+    client.set_model_version_tag(
+        name, version, "retrain.decision", ("promoted: " if promote else "kept champion: ") + why
+    )
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        log.info("promoted %s version %s to %s: %s %s", name, version, CHAMPION, metric, why)
+        return PROMOTED
+    log.info(
+        "kept %s version %s as %s; version %s: %s %s", name, champion.version, CHAMPION, version, metric, why
+    )
+    return KEPT
+
+
+def retrain(cfg: DictConfig) -> int:
+    root = CONF_DIR.parent
+    with exclusive_lock(Path(cfg.retrain.lock_file)) as held:
+        if not held:
+            log.warning("locked: another retraining holds %s", cfg.retrain.lock_file)
+            return LOCKED
+        compose_params([])  # conf/ is what a scheduled run trains with
+        if pipeline_is_up_to_date(root):
+            log.info("up to date: no change in images, parameters or code since the last run")
+            return UP_TO_DATE
+        if subprocess.run(["dvc", "repro"], cwd=root).returncode != 0:
+            log.error("failed: dvc repro did not finish; the champion is unchanged")
+            return FAILED
+        tracking.use_store(cfg)
+        metrics = json.loads(Path(cfg.paths.metrics).read_text(encoding="utf-8"))
+        return promote_or_keep(cfg, metrics)
+
+
+def run(cfg: DictConfig) -> None:
+    sys.exit(retrain(cfg))
+
+
+main = stage_entry(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Scheduled retraining: does nothing when nothing changed, promotes only better
+models, never runs twice at once (issue: SPEC 1's scheduled retraining door)."""
+
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import REPO, copy_project, project_env, run
+from PIL import Image, ImageOps
+
+pytestmark = pytest.mark.slow
+RETRAIN = [sys.executable, "-m", "pipeline.retrain"]
+
+
+@pytest.fixture(scope="module")
+def project(demo_project, tmp_path_factory):
+    return copy_project(demo_project, tmp_path_factory.mktemp("retrain") / "project")
+
+
+def retrain(project) -> subprocess.CompletedProcess:
+    return run(RETRAIN, project, check=False)
+
+
+def registry(project):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
+    versions = client.search_model_versions("name='ImageClassifier'")
+    return client, len(runs), {int(v.version) for v in versions}
+
+
+def champion(client) -> int:
+    return int(client.get_model_version_by_alias("ImageClassifier", "champion").version)
+
+
+def test_unchanged_data_is_up_to_date_despite_a_stale_lock(project):
+    (project / ".retrain.lock").write_text("999999\n")  # left by a run that crashed
+    _, runs_before, _ = registry(project)
+    result = retrain(project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "up to date" in result.stdout
+    assert registry(project)[1] == runs_before
+
+
+def test_new_images_make_a_new_promoted_version(project):
+    for label in ("flag", "fruit", "mammal", "vehicle"):
+        for source in sorted((project / "data/demo/train" / label).glob("*.jpg"))[:2]:
+            ImageOps.mirror(Image.open(source)).save(source.with_name(f"mirrored_{source.name}"))
+    _, runs_before, versions_before = registry(project)
+    result = retrain(project)
+    assert result.returncode == 10, result.stdout + result.stderr
+    client, runs_after, versions_after = registry(project)
+    assert runs_after == runs_before + 1
+    (new,) = versions_after - versions_before
+    assert champion(client) == new
+    assert (
+        client.get_model_version("ImageClassifier", str(new)).tags["retrain.decision"].startswith("promoted")
+    )
+
+
+def test_worse_candidate_is_registered_but_not_promoted(project):
+    images = sorted((project / "data/demo/train").rglob("*.jpg"))
+    labels = [path.parent for path in images]
+    random.Random(0).shuffle(labels)  # the same label counts, the labels now meaningless
+    for index, (path, label) in enumerate(zip(images, labels, strict=True)):
+        path.rename(label / f"shuffled_{index}.jpg")
+    client, _, versions_before = registry(project)
+    before = champion(client)
+    result = retrain(project)
+    assert result.returncode == 11, result.stdout + result.stderr
+    client, _, versions_after = registry(project)
+    (new,) = versions_after - versions_before
+    assert champion(client) == before
+    decision = client.get_model_version("ImageClassifier", str(new)).tags["retrain.decision"]
+    assert decision.startswith("kept the champion")
+
+
+def test_overlapping_runs_one_runs_one_exits_locked(project):
+    config = project / "conf/config.yaml"
+    config.write_text(config.read_text().replace("learning_rate: 0.003", "learning_rate: 0.004"))
+    first = subprocess.Popen(RETRAIN, cwd=project, env=project_env(), stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (project / ".retrain.lock").read_text().strip() != str(first.pid):  # it holds the lock
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.2)
+    second = retrain(project)
+    assert second.returncode == 75
+    assert "locked" in second.stdout
+    assert first.wait(timeout=600) in (10, 11)
+
+
+def test_readme_cron_line_runs_the_job(project, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    (cron_line,) = re.findall(r"^(?:\S+\s+){5}(cd .*pipeline\.retrain.*)$", readme, re.MULTILINE)
+    home = tmp_path / "home"
+    home.mkdir()
+    os.symlink(project, home / "image-classifier")
+    if not (project / ".venv").exists():
+        os.symlink(Path(sys.executable).parent.parent, project / ".venv")  # the clone's own venv
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # what cron gives
+    result = subprocess.run(["/bin/sh", "-c", cron_line], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr  # nothing changed since the last test
+    assert "up to date" in (project / "retrain.log").read_text()
