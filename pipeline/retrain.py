@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 
 from pipeline import tracking
 from pipeline.config import CONF_DIR, stage_entry
-from pipeline.params import compose_params
 from pipeline.train import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -110,7 +109,9 @@ def retrain(cfg: DictConfig) -> int:
         if not held:
             log.warning("locked: another retraining holds %s", cfg.retrain.lock_file)
             return LOCKED
-        compose_params([])  # conf/ is what a scheduled run trains with
+        # conf/ is what a scheduled run trains with (in a process of its own: this
+        # one's Hydra is already initialised)
+        subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=root, check=True, capture_output=True)
         if pipeline_is_up_to_date(root):
             log.info("up to date: no change in images, parameters or code since the last run")
             return UP_TO_DATE

@@ -77,7 +77,7 @@ def test_worse_candidate_is_registered_but_not_promoted(project):
     (new,) = versions_after - versions_before
     assert champion(client) == before
     decision = client.get_model_version("ImageClassifier", str(new)).tags["retrain.decision"]
-    assert decision.startswith("kept the champion")
+    assert decision.startswith("kept champion")
 
 
 def test_overlapping_runs_one_runs_one_exits_locked(project):
