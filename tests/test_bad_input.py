@@ -154,6 +154,11 @@ def features(model, image) -> np.ndarray:
         return model(batch)[0].numpy()
 
 
+def feature_gap(model, first, second) -> float:
+    """Largest difference between the backbone features of two image files."""
+    return float(np.abs(features(model, load_rgb(first)) - features(model, load_rgb(second))).max())
+
+
 def test_exif_rotation_and_transparency_give_the_same_features(tmp_path):
     extractor = compose_cfg().extractor
     model = torch.nn.Sequential(Normalize(extractor.mean, extractor.std), load_backbone(extractor))
@@ -162,13 +167,7 @@ def test_exif_rotation_and_transparency_give_the_same_features(tmp_path):
     exif[0x0112] = 8  # stored turned: displayed after a 90-degree turn counter-clockwise
     Image.fromarray(upright).rotate(-90, expand=True).save(tmp_path / "exif.png", exif=exif)
     Image.fromarray(upright).save(tmp_path / "twin.png")
-    assert (
-        np.abs(
-            features(model, load_rgb(tmp_path / "exif.png"))
-            - features(model, load_rgb(tmp_path / "twin.png"))
-        ).max()
-        < 1e-4
-    )
+    assert feature_gap(model, tmp_path / "exif.png", tmp_path / "twin.png") < 1e-4
 
     rgba = Image.fromarray(upright).convert("RGBA")
     rgba.putalpha(Image.fromarray(np.tile((np.arange(300) % 256).astype(np.uint8)[None], (400, 1))))
@@ -176,10 +175,4 @@ def test_exif_rotation_and_transparency_give_the_same_features(tmp_path):
     flat = Image.new("RGB", rgba.size, BACKGROUND)
     flat.paste(rgba, mask=rgba.getchannel("A"))
     flat.save(tmp_path / "composited.png")
-    assert (
-        np.abs(
-            features(model, load_rgb(tmp_path / "alpha.png"))
-            - features(model, load_rgb(tmp_path / "composited.png"))
-        ).max()
-        < 1e-4
-    )
+    assert feature_gap(model, tmp_path / "alpha.png", tmp_path / "composited.png") < 1e-4
