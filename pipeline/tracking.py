@@ -31,7 +31,7 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
         else:
             params[prefix] = str(node)
 
-    for section in ("extractor", "head", "train", "split", "data"):
+    for section in ("extractor", "augment", "head", "train", "split", "data"):
         walk(section, resolved[section])
     return params
 

@@ -10,7 +10,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from pipeline.backbone import export_feature_extractor
 from pipeline.config import CONF_DIR
+from pipeline.feature_cache import FeatureCache
 
 REPO = CONF_DIR.parent
 
@@ -20,16 +22,34 @@ def compose_cfg(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+def moved_paths(root: Path) -> list[str]:
+    """Overrides that put every output path under `root`."""
+    return [f"paths.{key}={root / value}" for key, value in compose_cfg().paths.items()]
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     """Hydra config from conf/ with every path moved under tmp_path."""
 
     def make(*overrides: str):
-        paths = compose_cfg().paths
-        moved = [f"paths.{key}={tmp_path / 'out' / value}" for key, value in paths.items()]
-        return compose_cfg(*moved, *overrides)
+        return compose_cfg(*moved_paths(tmp_path / "out"), *overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def exported_v1(tmp_path_factory) -> Path:
+    """v1 exported for onnxruntime once per session: the export takes about 15 s."""
+    path = tmp_path_factory.mktemp("onnx") / "backbone.onnx"
+    export_feature_extractor(compose_cfg().extractor, path)
+    return path
+
+
+def with_exported_v1(cfg, exported: Path):
+    """`cfg`, its feature cache holding the session's exported v1 backbone."""
+    with FeatureCache(cfg.paths.feature_cache, cfg.extractor) as cache:
+        shutil.copy(exported, cache.onnx_backbone)
+    return cfg
 
 
 def write_image(path: Path, colour: tuple[int, int, int], seed: int, size: int = 320) -> Path:

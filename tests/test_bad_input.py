@@ -9,11 +9,11 @@ import numpy as np
 import pillow_heif
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, moved_paths, with_exported_v1
 from PIL import Image
 
 from pipeline import convert, evaluate, extract, split, train
-from pipeline.backbone import Normalize, load_backbone
+from pipeline.backbone import feature_extractor
 from pipeline.images import BACKGROUND, center_crop_square, load_rgb
 
 LABELS = {"rouge écarlate": (200, 40, 40), "green, leafy": (40, 180, 60), "blue": (40, 60, 200)}
@@ -89,7 +89,7 @@ def checksums(root) -> dict:
 
 
 @pytest.mark.slow
-def test_messy_folder_runs_through_the_whole_pipeline(tmp_path, monkeypatch):
+def test_messy_folder_runs_through_the_whole_pipeline(tmp_path, monkeypatch, exported_v1):
     data = tmp_path / "data"
     good = []
     for seed, (label, colour) in enumerate(LABELS.items()):
@@ -100,15 +100,15 @@ def test_messy_folder_runs_through_the_whole_pipeline(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "out"
-    paths = {key: str(out / value) for key, value in compose_cfg().paths.items()}
     cfg = compose_cfg(
         f"data.train_dir={data / 'train'}",
         f"data.test_dir={data / 'test'}",
         "data.max_image_pixels=1000000",
         "train.max_iterations=5",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        *[f"paths.{key}={value}" for key, value in paths.items()],
+        *moved_paths(out),
     )
+    with_exported_v1(cfg, exported_v1)
     for stage in (split, extract, train, evaluate, convert):
         stage.run(cfg)
 
@@ -149,7 +149,7 @@ def test_data_warnings_follow_create_ml(cfg_factory, tmp_path):
 
 
 def features(model, image) -> np.ndarray:
-    batch = torch.from_numpy(center_crop_square(image, 224).astype(np.float32)).permute(2, 0, 1)[None]
+    batch = torch.from_numpy(center_crop_square(image, 224))[None]
     with torch.inference_mode():
         return model(batch)[0].numpy()
 
@@ -160,8 +160,7 @@ def feature_gap(model, first, second) -> float:
 
 
 def test_exif_rotation_and_transparency_give_the_same_features(tmp_path):
-    extractor = compose_cfg().extractor
-    model = torch.nn.Sequential(Normalize(extractor.mean, extractor.std), load_backbone(extractor))
+    model = feature_extractor(compose_cfg().extractor)
     upright = pixels((120, 80, 200), 1, size=(300, 400))
     exif = Image.Exif()
     exif[0x0112] = 8  # stored turned: displayed after a 90-degree turn counter-clockwise

@@ -1,6 +1,7 @@
 """The whole pipeline on the demo data, in a fresh copy of the project, through
 the doors users use: dvc repro, python -m pipeline.<stage>, dvc exp run."""
 
+import csv
 import json
 import re
 import shutil
@@ -75,6 +76,22 @@ def test_first_repro_writes_model_metrics_and_a_finished_mlflow_run(demo_project
 
 def test_second_repro_runs_nothing(project):
     assert ran_stages(run(["dvc", "repro"], project).stdout) == []
+
+
+def test_augmentations_rerun_extract_onward_and_keep_validation_accuracy(demo_project, tmp_path):
+    project = copy_project(demo_project, tmp_path / "project")
+    before = json.loads((project / "reports/metrics.json").read_text())
+    for name in ("flip", "crop", "exposure"):
+        edit_conf(project, f"  {name}: 0 ", f"  {name}: 1 ")
+    assert ran_stages(run(["dvc", "repro"], project).stdout) == ["extract", "train", "evaluate", "convert"]
+    after = json.loads((project / "reports/metrics.json").read_text())
+    print("demo accuracy without augmentations:", {split: before[split]["accuracy"] for split in before})
+    print("demo accuracy with flip, crop, exposure:", {split: after[split]["accuracy"] for split in after})
+    assert after["validation"]["accuracy"] >= before["validation"]["accuracy"]
+    with open(project / "reports/predictions.csv", encoding="utf-8") as file:
+        paths = [row["path"] for row in csv.DictReader(file)]
+    split = json.loads((project / "artifacts/split.json").read_text())
+    assert len(paths) == len(set(paths)) == len(split["images"])  # the originals only
 
 
 def test_learning_rate_change_reruns_train_onward(project):
