@@ -149,7 +149,7 @@ def test_data_warnings_follow_create_ml(cfg_factory, tmp_path):
 
 
 def features(model, image) -> np.ndarray:
-    batch = torch.from_numpy(center_crop_square(image, 224))[None]
+    batch = torch.from_numpy(center_crop_square(image, 224).copy())[None]  # Pillow's is read-only
     with torch.inference_mode():
         return model(batch)[0].numpy()
 
