@@ -118,7 +118,7 @@ def pipeline_images_per_second(paths: list[Path], cfg, exported: Path, cache_roo
     with FeatureCache(cache_root, cfg.extractor) as cache:
         shutil.copy(exported, cache.onnx_backbone)
         started = time.perf_counter()
-        failed = extract.fill_cache(rows, [], cfg, cache)
+        failed = extract.fill_cache([(row, None) for row in rows], cfg, cache)
         seconds = time.perf_counter() - started
     assert not failed, failed
     return len(paths) / seconds
@@ -156,10 +156,10 @@ def best_of(repeats: int, work) -> float:
 # --- the stage as DVC runs it -------------------------------------------------------
 
 
-def stage(project: Path, module: str, data: Path) -> float:
-    """Seconds for `python -m pipeline.<module>` on `data`, outputs under `project`."""
+def stage_command(project: Path, module: str, data: Path) -> list[str]:
+    """`python -m pipeline.<module>` on `data`, outputs under `project`."""
     overrides = [f"paths.{key}={project / value}" for key, value in compose_cfg().paths.items()]
-    command = [
+    return [
         sys.executable,
         "-m",
         f"pipeline.{module}",
@@ -167,9 +167,17 @@ def stage(project: Path, module: str, data: Path) -> float:
         f"data.train_dir={data}",
         "data.test_dir=null",
     ]
+
+
+def stage(project: Path, module: str, data: Path) -> float:
+    """Seconds the stage takes."""
     started = time.perf_counter()
     subprocess.run(
-        command, cwd=ROOT, check=True, env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True
+        stage_command(project, module, data),
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+        capture_output=True,
     )
     return time.perf_counter() - started
 
@@ -181,18 +189,8 @@ def peak_memory_bytes(project: Path, data: Path) -> int:
         "subprocess.run(sys.argv[1:], check=True, capture_output=True)\n"
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
-    overrides = [f"paths.{key}={project / value}" for key, value in compose_cfg().paths.items()]
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline.extract",
-        *overrides,
-        f"data.train_dir={data}",
-        "data.test_dir=null",
-    ]
-    out = subprocess.run(
-        [sys.executable, "-c", probe, *command], cwd=ROOT, check=True, capture_output=True, text=True
-    )
+    command = [sys.executable, "-c", probe, *stage_command(project, "extract", data)]
+    out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     return int(out.stdout) * (1 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
 
 

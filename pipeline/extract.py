@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline.augment import Copy, augmented, planned_copies
 from pipeline.config import show_progress, stage_entry
-from pipeline.feature_cache import FeatureCache, describe, extractor_fingerprint
+from pipeline.feature_cache import FeatureCache, extractor_fingerprint
 from pipeline.images import center_crop_square, load_rgb
 from pipeline.runtime import Runner, open_runner
 
@@ -47,14 +47,17 @@ def entry_key(sha256: str, copy: Copy | None) -> str:
     return sha256 if copy is None else f"{sha256}-{copy.key}"
 
 
-def wanted_entries(rows: list[dict], copies: list[Copy]) -> list[tuple[dict, Copy | None]]:
+Entry = tuple[dict, Copy | None]  # a split row, and which copy of it (None: the original)
+
+
+def wanted_entries(rows: list[dict], copies: list[Copy]) -> list[Entry]:
     """Every row's original, and the copies of training rows only."""
     return [(row, copy) for row in rows for copy in [None, *(copies if row["split"] == "train" else [])]]
 
 
-def missing_jobs(rows: list[dict], copies: list[Copy], cache: FeatureCache) -> list[Job]:
+def missing_jobs(entries: list[Entry], cache: FeatureCache) -> list[Job]:
     missing: dict[str, dict] = {}
-    for row, copy in wanted_entries(rows, copies):
+    for row, copy in entries:
         key = entry_key(row["sha256"], copy)
         if key not in cache:
             # the same content under two names is decoded once
@@ -109,16 +112,16 @@ def worker_count(setting: str | int) -> int:
     return min(os.cpu_count() or 1, MAX_WORKERS) if setting == "auto" else int(setting)
 
 
-def fill_cache(rows: list[dict], copies: list[Copy], cfg: DictConfig, cache: FeatureCache) -> list[dict]:
+def fill_cache(entries: list[Entry], cfg: DictConfig, cache: FeatureCache) -> list[dict]:
     """Extract the features not cached yet; returns the images that failed to decode.
 
     Each worker thread decodes a batch and runs the backbone on it, single-threaded
     on a CPU: on 2 cores that beats one decoder thread feeding a backbone that uses
     both (bench/extract.py), because no core waits for the other mid-batch.
     """
-    jobs = missing_jobs(rows, copies, cache)
+    jobs = missing_jobs(entries, cache)
     if not jobs:
-        log.info("all %d feature vectors were cached", len(wanted_entries(rows, copies)))
+        log.info("all %d feature vectors were cached", len(entries))
         return []
     workers = worker_count(cfg.extract.workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -152,14 +155,12 @@ def build_table(cfg: DictConfig, split: dict) -> dict:
     """The features of every usable image in `split` and of the training images'
     copies, with what made them. Copies have the `copy` column set."""
     copies = planned_copies(cfg.augment)
+    wanted = wanted_entries(split["images"], copies)
     with FeatureCache(cfg.paths.feature_cache, cfg.extractor) as cache:
-        failed = fill_cache(split["images"], copies, cfg, cache)
-        entries = [
-            (row, copy)
-            for row, copy in wanted_entries(split["images"], copies)
-            if entry_key(row["sha256"], copy) in cache
-        ]
+        failed = fill_cache(wanted, cfg, cache)
+        entries = [(row, copy) for row, copy in wanted if entry_key(row["sha256"], copy) in cache]
         features = np.stack([cache.get(entry_key(row["sha256"], copy)) for row, copy in entries])
+        extractor = {**cache.about, "dim": features.shape[1]}
     for item in failed:
         log.warning("skipped %s: %s", item["path"], item["reason"])
     labels = split["labels"]
@@ -170,7 +171,7 @@ def build_table(cfg: DictConfig, split: dict) -> dict:
         "path": np.array([row["path"] for row, _ in entries]),
         "copy": np.array(["" if copy is None else copy.key for _, copy in entries]),
         "meta": {
-            "extractor": describe(cfg.extractor, dim=features.shape[1]),
+            "extractor": extractor,
             "labels": labels,
             "split_sha256": split_digest(split),
             "copies": [copy.key for copy in copies],

@@ -1,4 +1,4 @@
-"""Content-addressed feature cache: one file per (image content, extractor, augmentation).
+"""Content-addressed feature cache: one vector per (image content, extractor, augmentation).
 
 Nothing here imports torch: an incremental `extract` that finds most features
 cached should not pay seconds of imports for the few it computes.
@@ -42,11 +42,9 @@ def extractor_fingerprint(extractor: DictConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def describe(extractor: DictConfig, dim: int | None = None) -> dict:
+def describe(extractor: DictConfig) -> dict:
     about = {**OmegaConf.to_container(extractor, resolve=True), "preprocessing": PREPROCESSING}
     about["fingerprint"] = extractor_fingerprint(extractor)
-    if dim is not None:
-        about["dim"] = dim
     return about
 
 
@@ -59,12 +57,12 @@ class FeatureCache:
     """
 
     def __init__(self, root: str | Path, extractor: DictConfig):
-        about = describe(extractor)
-        self.dir = Path(root) / f"{extractor.name}-{about['fingerprint']}"
+        self.about = describe(extractor)
+        self.dir = Path(root) / f"{extractor.name}-{self.about['fingerprint']}"
         self.dir.mkdir(parents=True, exist_ok=True)
         description = self.dir / "extractor.json"  # the cache describes itself
         if not description.exists():
-            description.write_text(json.dumps(about, indent=2) + "\n", encoding="utf-8")
+            description.write_text(json.dumps(self.about, indent=2) + "\n", encoding="utf-8")
         self._db = sqlite3.connect(self.dir / "features.sqlite", timeout=600, check_same_thread=False)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS features"
