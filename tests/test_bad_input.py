@@ -149,7 +149,7 @@ def test_data_warnings_follow_create_ml(cfg_factory, tmp_path):
 
 
 def features(model, image) -> np.ndarray:
-    batch = torch.from_numpy(center_crop_square(image, 224).copy())[None]  # Pillow's is read-only
+    batch = torch.from_numpy(center_crop_square(image, 224))[None]
     with torch.inference_mode():
         return model(batch)[0].numpy()
 
@@ -175,3 +175,13 @@ def test_exif_rotation_and_transparency_give_the_same_features(tmp_path):
     flat.paste(rgba, mask=rgba.getchannel("A"))
     flat.save(tmp_path / "composited.png")
     assert feature_gap(model, tmp_path / "alpha.png", tmp_path / "composited.png") < 1e-4
+
+
+def test_large_images_are_averaged_down_not_aliased(tmp_path):
+    """A big PNG (no JPEG draft mode to shrink it) of 1-pixel black and white squares
+    must come out mid-grey: sampling every 13th pixel would give black or white."""
+    squares = (np.indices((3000, 4000)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    Image.fromarray(squares).convert("RGB").save(tmp_path / "squares.png")
+    scaled = center_crop_square(load_rgb(tmp_path / "squares.png", 224), 224)
+    assert scaled.shape == (224, 224, 3)
+    assert np.abs(scaled.astype(int) - 127.5).max() <= 2
