@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from torchvision import transforms as T
 
@@ -37,18 +36,13 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import extract  # noqa: E402
 from pipeline.backbone import export_feature_extractor, load_backbone  # noqa: E402
-from pipeline.config import CONF_DIR  # noqa: E402
+from pipeline.config import compose_config, output_overrides  # noqa: E402
 from pipeline.feature_cache import FeatureCache  # noqa: E402
 from pipeline.images import center_crop_square, load_rgb  # noqa: E402
 from pipeline.runtime import onnx_runner  # noqa: E402
 
 DEMO = sorted((ROOT / "data/demo/train").rglob("*.jpg"))
 BASELINE_BATCH = 32
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 # --- building image folders -------------------------------------------------------
@@ -145,21 +139,22 @@ def backbone_images_per_second(pixels: np.ndarray, exported: Path, cfg, setting:
     run = onnx_runner(cfg.extractor, exported, threads)
     run(pixels[:batch])  # warm-up: the first call allocates
     with ThreadPoolExecutor(workers) as pool:
-        return len(pixels) / best_of(1, partial(run_in_batches, pool, run, pixels, batch))
+        return len(pixels) / seconds_of(partial(run_in_batches, pool, run, pixels, batch))
 
 
 def run_in_batches(pool: ThreadPoolExecutor, run, pixels: np.ndarray, batch: int) -> None:
     list(pool.map(lambda start: run(pixels[start : start + batch]), range(0, len(pixels), batch)))
 
 
+def seconds_of(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
 def best_of(repeats: int, work) -> float:
     """The fastest of `repeats` timings of `work()`: the least disturbed by the rest of the machine."""
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        timings.append(time.perf_counter() - started)
-    return min(timings)
+    return min(seconds_of(work) for _ in range(repeats))
 
 
 # --- the stage as DVC runs it -------------------------------------------------------
@@ -167,12 +162,11 @@ def best_of(repeats: int, work) -> float:
 
 def stage_command(project: Path, module: str, data: Path) -> list[str]:
     """`python -m pipeline.<module>` on `data`, outputs under `project`."""
-    overrides = [f"paths.{key}={project / value}" for key, value in compose_cfg().paths.items()]
     return [
         sys.executable,
         "-m",
         f"pipeline.{module}",
-        *overrides,
+        *output_overrides(project),
         f"data.train_dir={data}",
         "data.test_dir=null",
     ]
@@ -180,15 +174,9 @@ def stage_command(project: Path, module: str, data: Path) -> list[str]:
 
 def stage(project: Path, module: str, data: Path) -> float:
     """Seconds the stage takes."""
-    started = time.perf_counter()
-    subprocess.run(
-        stage_command(project, module, data),
-        cwd=ROOT,
-        check=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-        capture_output=True,
-    )
-    return time.perf_counter() - started
+    command = stage_command(project, module, data)
+    quiet = {**os.environ, "TQDM_DISABLE": "1"}
+    return seconds_of(partial(subprocess.run, command, cwd=ROOT, check=True, env=quiet, capture_output=True))
 
 
 def peak_memory_bytes(project: Path, data: Path) -> int:
@@ -225,7 +213,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     work = args.workdir
-    cfg = compose_cfg()
+    cfg = compose_config()
     size = cfg.extractor.input_size
     print(
         f"extractor {cfg.extractor.name} ({cfg.extractor.architecture}, {size} px), torch threads "

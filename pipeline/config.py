@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from pipeline.images import DataError
@@ -25,6 +26,17 @@ def accept_plus_for_defaulted_groups(argv: list[str]) -> list[str]:
     """
     groups = {path.name for path in CONF_DIR.iterdir() if path.is_dir()}
     return [arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in groups else arg for arg in argv]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """conf/ composed outside a stage's entry point: the preview, tests, benchmarks."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def output_overrides(root: Path) -> list[str]:
+    """Overrides that put every output path under `root`, for a run beside the project's."""
+    return [f"paths.{key}={root / value}" for key, value in compose_config().paths.items()]
 
 
 def show_progress() -> bool:

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from hydra import compose, initialize_config_dir
 
-from pipeline.config import CONF_DIR
+from pipeline.config import compose_config
 from pipeline.images import center_crop_square, is_hidden, load_rgb
 
 
 def default_model() -> Path:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config")
+    cfg = compose_config()
     return Path(cfg.paths.models_dir) / f"{cfg.model.name}.onnx"
 
 

@@ -7,24 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipeline.backbone import export_feature_extractor
-from pipeline.config import CONF_DIR
+from pipeline.config import CONF_DIR, compose_config, output_overrides
 from pipeline.feature_cache import FeatureCache
 
 REPO = CONF_DIR.parent
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
-def moved_paths(root: Path) -> list[str]:
-    """Overrides that put every output path under `root`."""
-    return [f"paths.{key}={root / value}" for key, value in compose_cfg().paths.items()]
 
 
 @pytest.fixture
@@ -32,7 +21,7 @@ def cfg_factory(tmp_path):
     """Hydra config from conf/ with every path moved under tmp_path."""
 
     def make(*overrides: str):
-        return compose_cfg(*moved_paths(tmp_path / "out"), *overrides)
+        return compose_config(*output_overrides(tmp_path / "out"), *overrides)
 
     return make
 
@@ -41,7 +30,7 @@ def cfg_factory(tmp_path):
 def exported_v1(tmp_path_factory) -> Path:
     """v1 exported for onnxruntime once per session: the export takes about 15 s."""
     path = tmp_path_factory.mktemp("onnx") / "backbone.onnx"
-    export_feature_extractor(compose_cfg().extractor, path)
+    export_feature_extractor(compose_config().extractor, path)
     return path
 
 

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg
 from PIL import Image
 from skimage import data as photos
 from torchvision.models import ResNet50_Weights
 
 from pipeline.backbone import Normalize, load_classifier
+from pipeline.config import compose_config
 from pipeline.images import center_crop_square
 
 IMAGENET_LABELS = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]  # ships with torchvision
@@ -19,7 +19,7 @@ IMAGENET_LABELS = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]  # ships wit
 )
 def test_pretrained_weights_recognise_imagenet_classes(extractor, photo, expected):
     """Wrongly loaded weights give noise: the photo's class would not be in the top 5."""
-    cfg = compose_cfg(f"extractor={extractor}").extractor
+    cfg = compose_config(f"extractor={extractor}").extractor
     model = torch.nn.Sequential(Normalize(cfg.mean, cfg.std), load_classifier(cfg))
     pixels = center_crop_square(Image.fromarray(getattr(photos, photo)()), cfg.input_size)
     with torch.inference_mode():

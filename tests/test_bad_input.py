@@ -9,11 +9,12 @@ import numpy as np
 import pillow_heif
 import pytest
 import torch
-from conftest import compose_cfg, moved_paths, with_exported_v1
+from conftest import with_exported_v1
 from PIL import Image
 
 from pipeline import convert, evaluate, extract, split, train
 from pipeline.backbone import feature_extractor
+from pipeline.config import compose_config, output_overrides
 from pipeline.images import BACKGROUND, center_crop_square, load_rgb
 
 LABELS = {"rouge écarlate": (200, 40, 40), "green, leafy": (40, 180, 60), "blue": (40, 60, 200)}
@@ -100,13 +101,13 @@ def test_messy_folder_runs_through_the_whole_pipeline(tmp_path, monkeypatch, exp
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "out"
-    cfg = compose_cfg(
+    cfg = compose_config(
         f"data.train_dir={data / 'train'}",
         f"data.test_dir={data / 'test'}",
         "data.max_image_pixels=1000000",
         "train.max_iterations=5",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        *moved_paths(out),
+        *output_overrides(out),
     )
     with_exported_v1(cfg, exported_v1)
     for stage in (split, extract, train, evaluate, convert):
@@ -160,7 +161,7 @@ def feature_gap(model, first, second) -> float:
 
 
 def test_exif_rotation_and_transparency_give_the_same_features(tmp_path):
-    model = feature_extractor(compose_cfg().extractor)
+    model = feature_extractor(compose_config().extractor)
     upright = pixels((120, 80, 200), 1, size=(300, 400))
     exif = Image.Exif()
     exif[0x0112] = 8  # stored turned: displayed after a 90-degree turn counter-clockwise

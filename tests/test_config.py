@@ -1,13 +1,13 @@
 import yaml
-from conftest import REPO, compose_cfg
+from conftest import REPO
 from omegaconf import OmegaConf
 
-from pipeline.config import accept_plus_for_defaulted_groups
+from pipeline.config import accept_plus_for_defaulted_groups, compose_config
 
 
 def test_params_yaml_is_conf_composed():
     """DVC tracks params.yaml; it must say what conf/ says."""
-    composed = OmegaConf.to_container(compose_cfg(), resolve=True)
+    composed = OmegaConf.to_container(compose_config(), resolve=True)
     assert yaml.safe_load((REPO / "params.yaml").read_text()) == composed
 
 
@@ -17,7 +17,7 @@ def test_plus_group_selects_the_option():
         "+train.extra=1",
         "head=mlp",
     ]
-    assert compose_cfg(*accept_plus_for_defaulted_groups(["+extractor=v2"])).extractor.name == "v2"
+    assert compose_config(*accept_plus_for_defaulted_groups(["+extractor=v2"])).extractor.name == "v2"
 
 
 def test_dvc_stages_read_params_yaml():

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, compose_cfg, make_dataset, moved_paths, project_env, with_exported_v1
+from conftest import REPO, make_dataset, project_env, with_exported_v1
 
 from pipeline import extract, split
 from pipeline.augment import AUGMENTATIONS, augmented, planned_copies
+from pipeline.config import compose_config, output_overrides
 from pipeline.feature_cache import FeatureCache
 from pipeline.images import center_crop_square, load_rgb
 from pipeline.runtime import onnx_runner, torch_runner
@@ -42,7 +43,7 @@ def cache_entries(cfg) -> dict[str, int]:
 
 def overrides_for(tmp_path: Path, *extra: str) -> list[str]:
     return [
-        *moved_paths(tmp_path / "out"),
+        *output_overrides(tmp_path / "out"),
         f"data.train_dir={tmp_path / 'data/train'}",
         f"data.test_dir={tmp_path / 'data/test'}",
         "extract.batch_size=8",
@@ -57,7 +58,7 @@ def split_and_extract(cfg) -> dict:
 
 
 def test_onnxruntime_features_match_torch(exported_v1):
-    extractor = compose_cfg().extractor
+    extractor = compose_config().extractor
     pixels = decoded(DEMO_IMAGES)
     fast, reference = onnx_runner(extractor, exported_v1)(pixels), torch_runner(extractor)(pixels)
     assert fast.shape == reference.shape == (len(DEMO_IMAGES), 1280)
@@ -66,7 +67,7 @@ def test_onnxruntime_features_match_torch(exported_v1):
 
 def test_only_new_images_are_extracted_and_renames_extract_nothing(tmp_path, exported_v1):
     make_dataset(tmp_path / "data/train", per_label=8)
-    cfg = with_exported_v1(compose_cfg(*overrides_for(tmp_path)), exported_v1)
+    cfg = with_exported_v1(compose_config(*overrides_for(tmp_path)), exported_v1)
     split_and_extract(cfg)
     first = cache_entries(cfg)
     assert len(first) == 24
@@ -91,7 +92,7 @@ def test_only_new_images_are_extracted_and_renames_extract_nothing(tmp_path, exp
 def test_killed_extraction_resumes_and_never_reads_a_partial_entry(tmp_path, exported_v1, caplog):
     images = make_dataset(tmp_path / "data/train", per_label=100)
     overrides = overrides_for(tmp_path)
-    cfg = with_exported_v1(compose_cfg(*overrides), exported_v1)
+    cfg = with_exported_v1(compose_config(*overrides), exported_v1)
     split.run(cfg)
     stage = subprocess.Popen(
         [sys.executable, "-m", "pipeline.extract", *overrides],
@@ -123,7 +124,7 @@ def test_augmented_copies_are_cached_per_augmentation_for_training_images_only(t
     make_dataset(tmp_path / "data/train", per_label=10)
     make_dataset(tmp_path / "data/test", per_label=2, start=100)
     options = overrides_for(tmp_path, "split.validation=0.2")
-    cfg = with_exported_v1(compose_cfg(*options, "augment.flip=2", "augment.noise=1"), exported_v1)
+    cfg = with_exported_v1(compose_config(*options, "augment.flip=2", "augment.noise=1"), exported_v1)
     table = split_and_extract(cfg)
     copies = table["copy"] != ""
     n_train = int((table["split"][~copies] == "train").sum())
@@ -144,13 +145,13 @@ def test_augmented_copies_are_cached_per_augmentation_for_training_images_only(t
     assert len(versions) == 4 and min(gaps) > 0.01
 
     entries = cache_entries(cfg)
-    cfg = compose_cfg(*options, "augment.flip=2", "augment.noise=2")
+    cfg = compose_config(*options, "augment.flip=2", "augment.noise=2")
     extract.run(cfg)
     new = set(cache_entries(cfg)) - set(entries)
     assert len(new) == n_train and all("-noise1-" in key for key in new)
 
     entries = cache_entries(cfg)
-    cfg = compose_cfg(*options, "augment.flip=2", "augment.noise=2", "augment.seed=1")
+    cfg = compose_config(*options, "augment.flip=2", "augment.noise=2", "augment.seed=1")
     extract.run(cfg)
     after = cache_entries(cfg)
     assert len(set(after) - set(entries)) == 4 * n_train  # every copy drawn again, no original
@@ -159,7 +160,7 @@ def test_augmented_copies_are_cached_per_augmentation_for_training_images_only(t
 
 @pytest.mark.parametrize("name", AUGMENTATIONS)
 def test_each_augmentation_changes_the_image_the_same_way_every_time(name):
-    (copy,) = planned_copies(compose_cfg(f"augment.{name}=1").augment)
+    (copy,) = planned_copies(compose_config(f"augment.{name}=1").augment)
     pixels = decoded(DEMO_IMAGES[:1])[0]
     once, again = augmented(pixels, "ab" * 32, copy), augmented(pixels, "ab" * 32, copy)
     assert once.shape == pixels.shape and once.dtype == np.uint8

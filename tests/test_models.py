@@ -13,13 +13,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import compose_cfg, run
+from conftest import run
 from coremltools.converters.mil.frontend.milproto.load import load as load_mil
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from pipeline.config import compose_config
 from pipeline.convert import full_model, size_on_disk, to_core_ml
 from pipeline.extract import load_table
 from pipeline.images import center_crop_square, load_rgb
@@ -122,7 +123,7 @@ def test_int8_weights_keep_accuracy(demo_project, tmp_path):
     """The int8 Core ML model's weights, decoded and run in PyTorch (no Core ML runtime
     here): within 1 point of float32 on the demo test set, i.e. no test image lost."""
     head, checkpoint = load_checkpoint(demo_project / "models/head.ckpt")
-    cfg = compose_cfg("model.precision=int8")
+    cfg = compose_config("model.precision=int8")
     package = tmp_path / "int8.mlpackage"
     to_core_ml(cfg, head, checkpoint).save(str(package))
     saved = ct.models.MLModel(str(package), skip_model_load=True)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from conftest import compose_cfg
 
+from pipeline.config import compose_config
 from pipeline.train import EpochCurve, balanced_class_weights, fit_head
 
 
@@ -16,7 +16,7 @@ def separable_table(n_per_label: int = 30, dim: int = 16) -> dict:
 
 @pytest.mark.parametrize("head", ["logistic", "mlp"])
 def test_head_learns_and_logs_one_curve_point_per_epoch(head):
-    cfg = compose_cfg(f"head={head}", "train.max_iterations=15")
+    cfg = compose_config(f"head={head}", "train.max_iterations=15")
     curve = EpochCurve()
     fitted = fit_head(cfg, separable_table(), [curve])
     assert [row["epoch"] for row in curve.rows] == list(range(15))
@@ -27,7 +27,7 @@ def test_head_learns_and_logs_one_curve_point_per_epoch(head):
 
 
 def test_early_stopping_ends_training_before_max_iterations():
-    cfg = compose_cfg(
+    cfg = compose_config(
         "train.max_iterations=300", "train.early_stopping_patience=3", "train.learning_rate=0.05"
     )
     curve = EpochCurve()
