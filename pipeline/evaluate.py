@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from pipeline import report, tracking
+from pipeline.checkpoint import load_checkpoint
 from pipeline.config import stage_entry
 from pipeline.extract import features_for, originals
 from pipeline.files import write_csv, write_json
-from pipeline.train import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def run(cfg: DictConfig) -> None:
     )
     plots = Path(cfg.paths.plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
-    plot_confusion(rows, checkpoint["labels"], confusion_split, plots / "confusion_matrix.png")
+    plot_confusion(rows, checkpoint.labels, confusion_split, plots / "confusion_matrix.png")
     plot_curves(Path(cfg.paths.curves), plots / "training_curves.png")
     misclassified = [r for r in rows if r["split"] != "train" and r["actual"] != r["predicted"]]
     write_csv(cfg.paths.misclassified, misclassified, list(rows[0]))
@@ -172,7 +172,7 @@ def run(cfg: DictConfig) -> None:
         log.warning("%s", warning)
     page = report.render(metrics, misclassified, warnings, plots, f"{cfg.model.name}: evaluation")
     Path(cfg.paths.report).write_text(page, encoding="utf-8")
-    with tracking.resumed_run(cfg, checkpoint["mlflow_run_id"]):
+    with tracking.resumed_run(cfg, checkpoint.mlflow_run_id):
         mlflow.log_metrics(mlflow_metrics(metrics))
         for path in (cfg.paths.metrics, cfg.paths.predictions, cfg.paths.misclassified, cfg.paths.report):
             mlflow.log_artifact(path)

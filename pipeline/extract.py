@@ -1,5 +1,5 @@
 """Stage `extract`: backbone features for every image in the split, and for the
-augmented copies of the training images (SPEC 3).
+augmented copies of the training images (README "The stages").
 
 Each image is decoded and run through the backbone once per extractor and
 augmentation, ever: features are cached by content hash, so new images are the
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline.augment import Copy, augmented, planned_copies
 from pipeline.config import show_progress, stage_entry
 from pipeline.feature_cache import FeatureCache, extractor_fingerprint
-from pipeline.images import center_crop_square, load_rgb
+from pipeline.images import load_rgb, to_square
 from pipeline.runtime import Runner, open_runner
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,15 @@ def batches_of(jobs: list[Job], size: int) -> Iterator[list[Job]]:
         yield batch
 
 
-def extract_batch(jobs: list[Job], size: int, runner: Runner, cache: FeatureCache) -> list[dict]:
+def extract_batch(
+    jobs: list[Job], size: int, crop_and_scale: str, runner: Runner, cache: FeatureCache
+) -> list[dict]:
     """Decode, augment, run the backbone on one batch and cache the features: a
     worker thread's whole task. Returns the images that failed to decode."""
     keys, pixels, failed = [], [], []
     for job in jobs:
         try:
-            image = center_crop_square(load_rgb(job.path, min_side=size), size)
+            image = to_square(load_rgb(job.path, min_side=size), size, crop_and_scale)
         except Exception as error:  # a file that passed split's checks but does not decode now
             failed.append({"path": job.path, "reason": f"cannot decode ({error})"})
             continue
@@ -126,7 +128,13 @@ def fill_cache(entries: list[Entry], cfg: DictConfig, cache: FeatureCache) -> li
     workers = worker_count(cfg.extract.workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     runtime, runner = open_runner(cfg.extractor, cfg.extract.runtime, cache.onnx_backbone, threads)
-    task = partial(extract_batch, size=cfg.extractor.input_size, runner=runner, cache=cache)
+    task = partial(
+        extract_batch,
+        size=cfg.extractor.input_size,
+        crop_and_scale=cfg.extract.crop_and_scale,
+        runner=runner,
+        cache=cache,
+    )
     total, failed, started = sum(len(job.entries) for job in jobs), [], time.perf_counter()
     with (
         ThreadPoolExecutor(workers) as pool,
@@ -156,7 +164,7 @@ def build_table(cfg: DictConfig, split: dict) -> dict:
     copies, with what made them. Copies have the `copy` column set."""
     copies = planned_copies(cfg.augment)
     wanted = wanted_entries(split["images"], copies)
-    with FeatureCache(cfg.paths.feature_cache, cfg.extractor) as cache:
+    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
         failed = fill_cache(wanted, cfg, cache)
         entries = [(row, copy) for row, copy in wanted if entry_key(row["sha256"], copy) in cache]
         features = np.stack([cache.get(entry_key(row["sha256"], copy)) for row, copy in entries])
@@ -215,8 +223,9 @@ def features_for(cfg: DictConfig) -> dict:
     if path.exists():
         table = load_table(path)
         meta = table["meta"]
+        fingerprint = extractor_fingerprint(cfg.extractor, cfg.extract.crop_and_scale)
         if (
-            meta["extractor"]["fingerprint"] == extractor_fingerprint(cfg.extractor)
+            meta["extractor"]["fingerprint"] == fingerprint
             and meta["split_sha256"] == split_digest(split)
             and meta.get("copies") == [copy.key for copy in planned_copies(cfg.augment)]
         ):

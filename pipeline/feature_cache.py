@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-# Bump when images.load_rgb or images.center_crop_square change what they produce:
+# Bump when images.load_rgb or images.to_square change what they produce:
 # it invalidates every cached feature.
-PREPROCESSING = "exif-upright,alpha-on-white,jpeg-draft,box-reduce,shorter-side-bilinear,center-crop/2"
+PREPROCESSING = "exif-upright,alpha-on-white,jpeg-draft,box-reduce,bilinear/3"
 
 
 def weights_file(package: str) -> Path:
@@ -26,15 +26,16 @@ def weights_file(package: str) -> Path:
     return Path(path)
 
 
-def extractor_fingerprint(extractor: DictConfig) -> str:
+def extractor_fingerprint(extractor: DictConfig, crop_and_scale: str) -> str:
     """Identifies features: same fingerprint, same numbers for the same image.
 
     Covers the architecture, the exact weights, and the preprocessing settings
-    (input size, normalisation), but not names, batch size or runtime (the
-    runtimes agree to 1e-4, tests/test_extract.py).
+    (input size, normalisation, crop and scale), but not names, batch size or
+    runtime (the runtimes agree to 1e-4, tests/test_extract.py).
     """
     settings = OmegaConf.to_container(extractor, resolve=True)
     settings = {k: settings[k] for k in ("architecture", "input_size", "mean", "std")}
+    settings["crop_and_scale"] = crop_and_scale
     settings["weights_sha256"] = hashlib.sha256(
         weights_file(extractor.weights_package).read_bytes()
     ).hexdigest()
@@ -42,9 +43,13 @@ def extractor_fingerprint(extractor: DictConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def describe(extractor: DictConfig) -> dict:
-    about = {**OmegaConf.to_container(extractor, resolve=True), "preprocessing": PREPROCESSING}
-    about["fingerprint"] = extractor_fingerprint(extractor)
+def describe(extractor: DictConfig, crop_and_scale: str) -> dict:
+    about = {
+        **OmegaConf.to_container(extractor, resolve=True),
+        "crop_and_scale": crop_and_scale,
+        "preprocessing": PREPROCESSING,
+    }
+    about["fingerprint"] = extractor_fingerprint(extractor, crop_and_scale)
     return about
 
 
@@ -56,8 +61,8 @@ class FeatureCache:
     and a batch costs one commit where a file per vector cost a millisecond each.
     """
 
-    def __init__(self, root: str | Path, extractor: DictConfig):
-        self.about = describe(extractor)
+    def __init__(self, root: str | Path, extractor: DictConfig, crop_and_scale: str):
+        self.about = describe(extractor, crop_and_scale)
         self.dir = Path(root) / f"{extractor.name}-{self.about['fingerprint']}"
         self.dir.mkdir(parents=True, exist_ok=True)
         description = self.dir / "extractor.json"  # the cache describes itself

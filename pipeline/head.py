@@ -1,15 +1,23 @@
 """The classifier head on backbone features: plain PyTorch, no training logic."""
 
+import torch
 from torch import nn
 
 
 class ClassifierHead(nn.Module):
-    """Logistic regression (no hidden layer) or an MLP (SPEC 3), returning logits."""
+    """Logistic regression (no hidden layer) or an MLP (README "Parameters"), returning logits.
+
+    Features are standardised first (per-dimension shift and scale fitted on the
+    training features, stored as buffers), so one grid of regularisation strengths
+    suits every backbone, and the exported models standardise exactly as training did.
+    """
 
     def __init__(
         self, in_features: int, num_classes: int, hidden_sizes: list[int] = (), dropout: float = 0.0
     ):
         super().__init__()
+        self.register_buffer("shift", torch.zeros(in_features))
+        self.register_buffer("scale", torch.ones(in_features))
         layers: list[nn.Module] = []
         width = in_features
         for hidden in hidden_sizes:
@@ -18,5 +26,15 @@ class ClassifierHead(nn.Module):
         layers.append(nn.Linear(width, num_classes))
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, features):
-        return self.layers(features)
+    def standardise_on(self, features: torch.Tensor) -> "ClassifierHead":
+        """Fit the shift and scale to `features` (N, D): zero mean, unit variance."""
+        self.shift.copy_(features.mean(dim=0))
+        self.scale.copy_(1.0 / features.std(dim=0).clamp_min(1e-6))
+        return self
+
+    def weights(self) -> list[torch.Tensor]:
+        """The weight matrices the L2 penalty applies to (biases are not penalised)."""
+        return [layer.weight for layer in self.layers if isinstance(layer, nn.Linear)]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers((features - self.shift) * self.scale)

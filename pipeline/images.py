@@ -126,19 +126,46 @@ def load_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
         return _to_rgb(image)
 
 
-def center_crop_square(image: Image.Image, size: int) -> np.ndarray:
-    """Vision's default `imageCropAndScaleOption = .centerCrop`: scale the shorter
-    side to `size`, then crop the centre. Returns HxWx3 uint8.
+# Vision's VNImageCropAndScaleOption names: how an image becomes the backbone's
+# square input, identically at training, in `predict`, the ONNX twin and the app.
+CROP_AND_SCALE = ("scaleFill", "centerCrop", "scaleFit")
+
+
+def _shrink(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """`image` resized to width x height, HxWx3 uint8.
 
     Whole factors of two or more go first through Pillow's box `reduce`, so that
     the bilinear step (OpenCV's: a tenth of Pillow's cost) shrinks by less than
     2x and cannot alias.
     """
-    factor = min(image.size) // size
-    if factor >= 2:
-        image = image.reduce(factor)
-    scale = size / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    pixels = cv2.resize(np.asarray(image), (width, height), interpolation=cv2.INTER_LINEAR)
-    left, top = (width - size) // 2, (height - size) // 2
-    return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+    factors = (max(1, image.width // width), max(1, image.height // height))
+    if max(factors) >= 2:
+        image = image.reduce(factors)
+    return cv2.resize(np.asarray(image), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def to_square(image: Image.Image, size: int, crop_and_scale: str) -> np.ndarray:
+    """The backbone's size x size x 3 uint8 input, by one of Vision's options:
+
+    - `scaleFill`: the whole image squashed to a square (aspect ratio not kept);
+    - `centerCrop`: the shorter side scaled to `size`, the centre cut out (ends of
+      elongated objects are lost);
+    - `scaleFit`: the longer side scaled to `size`, centred on the background colour.
+    """
+    if crop_and_scale == "scaleFill":
+        return _shrink(image, size, size)
+    if crop_and_scale == "centerCrop":
+        scale = size / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        pixels = _shrink(image, width, height)
+        left, top = (width - size) // 2, (height - size) // 2
+        return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+    if crop_and_scale == "scaleFit":
+        scale = size / max(image.size)
+        width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+        square = np.empty((size, size, 3), np.uint8)
+        square[:] = BACKGROUND
+        left, top = (size - width) // 2, (size - height) // 2
+        square[top : top + height, left : left + width] = _shrink(image, width, height)
+        return square
+    raise ValueError(f"crop_and_scale must be one of {', '.join(CROP_AND_SCALE)}, not {crop_and_scale!r}")

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline.config import compose_config
-from pipeline.images import center_crop_square, is_hidden, load_rgb
+from pipeline.images import is_hidden, load_rgb, to_square
 
 
 def default_model() -> Path:
@@ -29,15 +29,17 @@ def image_files(arguments: list[str]) -> list[Path]:
 
 
 class Classifier:
-    """The exported model with the preprocessing its README contract states."""
+    """The exported model with the preprocessing its metadata states (README "Using the ONNX model")."""
 
     def __init__(self, model: Path):
         self.session = ort.InferenceSession(str(model), providers=ort.get_available_providers())
-        self.labels = json.loads(self.session.get_modelmeta().custom_metadata_map["labels"])
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.labels = json.loads(metadata["labels"])
+        self.crop_and_scale = metadata["crop_and_scale"]
         self.size = self.session.get_inputs()[0].shape[-1]
 
     def top_k(self, path: Path, k: int) -> list[tuple[str, float]]:
-        pixels = center_crop_square(load_rgb(path, min_side=self.size), self.size)
+        pixels = to_square(load_rgb(path, min_side=self.size), self.size, self.crop_and_scale)
         image = pixels.transpose(2, 0, 1)[None].astype(np.float32)
         probabilities = self.session.run(None, {"image": image})[0][0]
         best = np.argsort(-probabilities)[:k]

@@ -19,8 +19,8 @@ import mlflow
 from omegaconf import DictConfig
 
 from pipeline import tracking
+from pipeline.checkpoint import load_checkpoint
 from pipeline.config import CONF_DIR, stage_entry
-from pipeline.train import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def promote_or_keep(cfg: DictConfig, metrics: dict) -> int:
     """Compare the version this run registered with the champion; record why."""
     _, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     client = mlflow.MlflowClient()
-    run = client.get_run(checkpoint["mlflow_run_id"])
+    run = client.get_run(checkpoint.mlflow_run_id)
     name, version = cfg.model.name, run.data.tags["model_version"]
     metric = chosen_metric(cfg.retrain.metric, metrics)
     candidate = metric_value(metrics, metric)

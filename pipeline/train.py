@@ -1,8 +1,7 @@
-"""Stage `train`: a Lightning head on the cached features (SPEC 3)."""
+"""Stage `train`: a Lightning head on the cached features (README "The stages")."""
 
 import logging
 from datetime import UTC, datetime
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -10,14 +9,15 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, MLFlowLogger
-from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import tracking
+from pipeline.checkpoint import Checkpoint, save_checkpoint
 from pipeline.config import show_progress, stage_entry
 from pipeline.extract import features_for
 from pipeline.files import write_csv
 from pipeline.head import ClassifierHead
 from pipeline.lit_head import LitHead
+from pipeline.regularization import MLP_STRENGTH, choose_strength
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,33 @@ class EpochCurve(pl.Callback):
         self.rows.append(row)
 
 
-def loader(table: dict, split: str, batch_size: int, shuffle: bool) -> DataLoader | None:
+class Batches:
+    """Feature rows in memory as (features, labels) batches, reshuffled each epoch when
+    `shuffle`: a DataLoader's per-item collation cost more than the arithmetic here."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, size: int, shuffle: bool, seed: int):
+        self.features, self.labels, self.size, self.shuffle = features, labels, size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.labels), generator=self.generator) if self.shuffle else None
+        for start in range(0, len(self.labels), self.size):
+            rows = slice(start, start + self.size) if order is None else order[start : start + self.size]
+            yield self.features[rows], self.labels[rows]
+
+
+def rows_of(table: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     mask = table["split"] == split
-    if not mask.any():
-        return None
-    dataset = TensorDataset(
-        torch.from_numpy(table["features"][mask]), torch.from_numpy(table["label_index"][mask])
-    )
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+    return torch.from_numpy(table["features"][mask]), torch.from_numpy(table["label_index"][mask])
+
+
+def standardised_rows(table: dict, split: str, head: ClassifierHead) -> tuple[torch.Tensor, torch.Tensor]:
+    features, labels = rows_of(table, split)
+    with torch.no_grad():
+        return (features - head.shift) * head.scale, labels
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -54,24 +73,52 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor
     return torch.from_numpy(len(labels) / (num_classes * np.maximum(counts, 1)))
 
 
+def regularization_strength(
+    cfg: DictConfig,
+    standardised: torch.Tensor,
+    labels: torch.Tensor,
+    groups: np.ndarray,
+    class_weights: torch.Tensor | None,
+) -> float:
+    """`train.regularization`, or for `auto` the cross-validated choice (logistic head)."""
+    if cfg.train.regularization != "auto":
+        return float(cfg.train.regularization)
+    if cfg.head.hidden_sizes:
+        return MLP_STRENGTH
+    return choose_strength(standardised, labels, groups, cfg.train.cv_folds, class_weights, cfg.train.seed)
+
+
 def fit_head(
     cfg: DictConfig, table: dict, callbacks: list[pl.Callback], logger: Logger | bool = False
-) -> ClassifierHead:
-    """Train the head on the table's train rows, validating on its validation rows."""
+) -> tuple[ClassifierHead, float]:
+    """Train the head on the table's train rows, validating on its validation rows.
+    Returns the head and the L2 strength it was trained with."""
     pl.seed_everything(cfg.train.seed, verbose=False)
     labels = table["meta"]["labels"]
-    head = ClassifierHead(
-        table["features"].shape[1], len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout
-    )
-    train_labels = table["label_index"][table["split"] == "train"]
-    weights = balanced_class_weights(train_labels, len(labels)) if cfg.train.class_weighting else None
-    module = LitHead(head, cfg.train.learning_rate, cfg.train.weight_decay, weights)
-    validation = loader(table, "validation", cfg.train.batch_size, shuffle=False)
-    if validation is not None and cfg.train.early_stopping_patience > 0:
-        callbacks = [
-            *callbacks,
-            pl.callbacks.EarlyStopping("epoch/validation_loss", patience=cfg.train.early_stopping_patience),
-        ]
+    features, targets = rows_of(table, "train")
+    head = ClassifierHead(features.shape[1], len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout)
+    head.standardise_on(features)
+    features, targets = standardised_rows(table, "train", head)
+    weights = balanced_class_weights(targets.numpy(), len(labels)) if cfg.train.class_weighting else None
+    groups = table["path"][table["split"] == "train"]  # an image and its augmented copies
+    strength = regularization_strength(cfg, features, targets, groups, weights)
+    optimizer = "adamw" if cfg.head.hidden_sizes else "lbfgs"
+    module = LitHead(head, optimizer, cfg.train.learning_rate, strength, weights)
+    # the logistic head takes the whole training set as one batch (see LitHead)
+    batch_size = cfg.train.batch_size if optimizer == "adamw" else len(targets)
+    train_rows = Batches(features, targets, batch_size, shuffle=optimizer == "adamw", seed=cfg.train.seed)
+    validation = None
+    if (table["split"] == "validation").any():
+        validation = Batches(
+            *standardised_rows(table, "validation", head), len(table["split"]), shuffle=False, seed=0
+        )
+        if cfg.train.early_stopping_patience > 0:
+            callbacks = [
+                *callbacks,
+                pl.callbacks.EarlyStopping(
+                    "epoch/validation_loss", patience=cfg.train.early_stopping_patience
+                ),
+            ]
     trainer = pl.Trainer(
         max_epochs=cfg.train.max_iterations,
         accelerator="auto",
@@ -84,49 +131,33 @@ def fit_head(
         callbacks=callbacks,
         deterministic=True,
     )
-    trainer.fit(module, loader(table, "train", cfg.train.batch_size, shuffle=True), validation)
-    return head.eval()
-
-
-def save_checkpoint(
-    path: str | Path, head: ClassifierHead, cfg: DictConfig, table: dict, run_id: str
-) -> None:
-    """The head with everything needed to use it: labels, input size, extractor, run."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {
-        "state_dict": head.state_dict(),
-        "labels": table["meta"]["labels"],
-        "in_features": int(table["features"].shape[1]),
-        "head": OmegaConf.to_container(cfg.head, resolve=True),
-        "extractor": table["meta"]["extractor"],
-        "input_size": int(cfg.extractor.input_size),
-        "data_fingerprint": table["meta"]["split_sha256"],
-        "mlflow_run_id": run_id,
-        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    torch.save(checkpoint, path)
-
-
-def load_checkpoint(path: str | Path) -> tuple[ClassifierHead, dict]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    spec = checkpoint["head"]
-    head = ClassifierHead(
-        checkpoint["in_features"], len(checkpoint["labels"]), spec["hidden_sizes"], spec["dropout"]
-    )
-    head.load_state_dict(checkpoint["state_dict"])
-    return head.eval(), checkpoint
+    trainer.fit(module, train_rows, validation)
+    return head.cpu().eval(), strength
 
 
 def run(cfg: DictConfig) -> None:
     table = features_for(cfg)
     run_id = tracking.start_run(cfg, table["meta"]["split_sha256"])
     curve = EpochCurve()
-    head = fit_head(cfg, table, [curve], MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id))
+    logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
+    head, strength = fit_head(cfg, table, [curve], logger)
     write_csv(cfg.paths.curves, curve.rows, CURVE_COLUMNS)
     with tracking.resumed_run(cfg, run_id):
         mlflow.log_artifact(cfg.paths.curves)
-    save_checkpoint(cfg.paths.checkpoint, head, cfg, table, run_id)
+        mlflow.log_param("train.regularization_used", strength)  # the cross-validated choice, for `auto`
+    checkpoint = Checkpoint(
+        labels=table["meta"]["labels"],
+        in_features=int(table["features"].shape[1]),
+        head=OmegaConf.to_container(cfg.head, resolve=True),
+        extractor=table["meta"]["extractor"],
+        input_size=int(cfg.extractor.input_size),
+        data_fingerprint=table["meta"]["split_sha256"],
+        mlflow_run_id=run_id,
+        trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        regularization=strength,
+        state_dict=head.state_dict(),
+    )
+    save_checkpoint(cfg.paths.checkpoint, checkpoint)
     last = curve.rows[-1]
     log.info(
         "trained %s head for %d epochs: %s (MLflow run %s)",

@@ -7,7 +7,7 @@ from torchvision.models import ResNet50_Weights
 
 from pipeline.backbone import Normalize, load_classifier
 from pipeline.config import compose_config
-from pipeline.images import center_crop_square
+from pipeline.images import to_square
 
 IMAGENET_LABELS = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]  # ships with torchvision
 
@@ -21,7 +21,7 @@ def test_pretrained_weights_recognise_imagenet_classes(extractor, photo, expecte
     """Wrongly loaded weights give noise: the photo's class would not be in the top 5."""
     cfg = compose_config(f"extractor={extractor}").extractor
     model = torch.nn.Sequential(Normalize(cfg.mean, cfg.std), load_classifier(cfg))
-    pixels = center_crop_square(Image.fromarray(getattr(photos, photo)()), cfg.input_size)
+    pixels = to_square(Image.fromarray(getattr(photos, photo)()), cfg.input_size, "centerCrop")
     with torch.inference_mode():
         logits = model(torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None])
     top5 = {IMAGENET_LABELS[i] for i in logits[0].topk(5).indices}

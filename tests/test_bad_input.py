@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline import convert, evaluate, extract, split, train
 from pipeline.backbone import feature_extractor
 from pipeline.config import compose_config, output_overrides
-from pipeline.images import BACKGROUND, center_crop_square, load_rgb
+from pipeline.images import BACKGROUND, CROP_AND_SCALE, load_rgb, to_square
 
 LABELS = {"rouge écarlate": (200, 40, 40), "green, leafy": (40, 180, 60), "blue": (40, 60, 200)}
 
@@ -150,7 +150,7 @@ def test_data_warnings_follow_create_ml(cfg_factory, tmp_path):
 
 
 def features(model, image) -> np.ndarray:
-    batch = torch.from_numpy(center_crop_square(image, 224))[None]
+    batch = torch.from_numpy(to_square(image, 224, "centerCrop"))[None]
     with torch.inference_mode():
         return model(batch)[0].numpy()
 
@@ -178,11 +178,13 @@ def test_exif_rotation_and_transparency_give_the_same_features(tmp_path):
     assert feature_gap(model, tmp_path / "alpha.png", tmp_path / "composited.png") < 1e-4
 
 
-def test_large_images_are_averaged_down_not_aliased(tmp_path):
+@pytest.mark.parametrize("crop_and_scale", CROP_AND_SCALE)
+def test_large_images_are_averaged_down_not_aliased(tmp_path, crop_and_scale):
     """A big PNG (no JPEG draft mode to shrink it) of 1-pixel black and white squares
     must come out mid-grey: sampling every 13th pixel would give black or white."""
     squares = (np.indices((3000, 4000)).sum(axis=0) % 2 * 255).astype(np.uint8)
     Image.fromarray(squares).convert("RGB").save(tmp_path / "squares.png")
-    scaled = center_crop_square(load_rgb(tmp_path / "squares.png", 224), 224)
+    scaled = to_square(load_rgb(tmp_path / "squares.png", 224), 224, crop_and_scale)
     assert scaled.shape == (224, 224, 3)
-    assert np.abs(scaled.astype(int) - 127.5).max() <= 2
+    image = scaled[30:-30] if crop_and_scale == "scaleFit" else scaled  # 4:3 fits between white bands
+    assert np.abs(image.astype(int) - 127.5).max() <= 2

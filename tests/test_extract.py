@@ -19,14 +19,14 @@ from pipeline import extract, split
 from pipeline.augment import AUGMENTATIONS, augmented, planned_copies
 from pipeline.config import compose_config, output_overrides
 from pipeline.feature_cache import FeatureCache
-from pipeline.images import center_crop_square, load_rgb
+from pipeline.images import load_rgb, to_square
 from pipeline.runtime import onnx_runner, torch_runner
 
 DEMO_IMAGES = sorted((REPO / "data/demo/train").rglob("*.jpg"))[::40]
 
 
 def decoded(paths) -> np.ndarray:
-    return np.stack([center_crop_square(load_rgb(path, 224), 224) for path in paths])
+    return np.stack([to_square(load_rgb(path, 224), 224, "centerCrop") for path in paths])
 
 
 def sha256(path: Path) -> str:
@@ -35,7 +35,7 @@ def sha256(path: Path) -> str:
 
 def cache_entries(cfg) -> dict[str, int]:
     """Cache entry -> when it was written (ns): what exists, and what was rewritten."""
-    with FeatureCache(cfg.paths.feature_cache, cfg.extractor) as cache:
+    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
         database = cache.dir / "features.sqlite"
     with closing(sqlite3.connect(database)) as db:
         return dict(db.execute("SELECT key, written_ns FROM features"))
@@ -47,6 +47,7 @@ def overrides_for(tmp_path: Path, *extra: str) -> list[str]:
         f"data.train_dir={tmp_path / 'data/train'}",
         f"data.test_dir={tmp_path / 'data/test'}",
         "extract.batch_size=8",
+        "augment.flip=0",  # originals only, unless a test asks for copies
         *extra,
     ]
 
@@ -160,7 +161,7 @@ def test_augmented_copies_are_cached_per_augmentation_for_training_images_only(t
 
 @pytest.mark.parametrize("name", AUGMENTATIONS)
 def test_each_augmentation_changes_the_image_the_same_way_every_time(name):
-    (copy,) = planned_copies(compose_config(f"augment.{name}=1").augment)
+    (copy,) = planned_copies(compose_config("augment.flip=0", f"augment.{name}=1").augment)
     pixels = decoded(DEMO_IMAGES[:1])[0]
     once, again = augmented(pixels, "ab" * 32, copy), augmented(pixels, "ab" * 32, copy)
     assert once.shape == pixels.shape and once.dtype == np.uint8

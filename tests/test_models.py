@@ -1,4 +1,5 @@
-"""The exported models of the demo pipeline, checked without a Mac (SPEC 5)."""
+"""The exported models, checked without a Mac (README "Using the model in Xcode",
+"Using the ONNX model"): hand-made heads on the real backbone, and the demo pipeline's."""
 
 import copy
 import csv
@@ -6,55 +7,210 @@ import json
 import shutil
 import subprocess
 import sys
-from datetime import datetime
+import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 import coremltools as ct
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run
+from conftest import REPO, run
 from coremltools.converters.mil.frontend.milproto.load import load as load_mil
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from pipeline.config import compose_config
-from pipeline.convert import full_model, size_on_disk, to_core_ml
+from pipeline import convert, tracking
+from pipeline.backbone import image_features
+from pipeline.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from pipeline.config import compose_config, output_overrides
+from pipeline.convert import size_on_disk, to_core_ml
+from pipeline.export import CACHE_FOLDER, BackboneConversions, Probabilities
 from pipeline.extract import load_table
-from pipeline.images import center_crop_square, load_rgb
-from pipeline.train import load_checkpoint
+from pipeline.feature_cache import describe
+from pipeline.head import ClassifierHead
+from pipeline.images import load_rgb, to_square
 
 pytestmark = pytest.mark.slow
 LABELS = ["flag", "fruit", "mammal", "vehicle"]
+DEMO_IMAGES = sorted((REPO / "data/demo/test").rglob("*.jpg"))[::12]
 
 
-def test_core_ml_spec_is_an_image_classifier(demo_project):
-    model = ct.models.MLModel(str(demo_project / "models/ImageClassifier.mlpackage"), skip_model_load=True)
+def hand_made_checkpoint(
+    cfg, labels: list[str], crop_and_scale: str, hidden_sizes: list[int], seed: int
+) -> Checkpoint:
+    """A random head for v1 features, standardisation included, in a new MLflow run."""
+    torch.manual_seed(seed)
+    head = ClassifierHead(1280, len(labels), hidden_sizes).eval()
+    head.standardise_on(torch.rand(64, 1280) * 2)  # not the identity: the models must include it
+    with torch.no_grad():
+        head.layers[-1].weight *= 20  # confident, as trained heads are, not near-uniform
+    return Checkpoint(
+        labels=labels,
+        in_features=1280,
+        head={"type": "mlp" if hidden_sizes else "logistic", "hidden_sizes": hidden_sizes, "dropout": 0.0},
+        extractor=describe(cfg.extractor, crop_and_scale),
+        input_size=cfg.extractor.input_size,
+        data_fingerprint="f" * 64,
+        mlflow_run_id=tracking.start_run(cfg, "f" * 64),
+        trained_at=datetime.now(UTC).isoformat(),
+        regularization=1e-3,
+        state_dict=head.state_dict(),
+    )
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """`convert` of a hand-made logistic head into an empty feature cache: its config."""
+    root = tmp_path_factory.mktemp("convert")
+    cfg = compose_config(
+        *output_overrides(root / "out"), f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        checkpoint = hand_made_checkpoint(cfg, ["rouge écarlate", "green, leafy", "blue"], "scaleFit", [], 0)
+        save_checkpoint(cfg.paths.checkpoint, checkpoint)
+        convert.run(cfg)
+    return cfg
+
+
+def core_ml_model(cfg):
+    return ct.models.MLModel(f"{cfg.paths.models_dir}/{cfg.model.name}.mlpackage", skip_model_load=True)
+
+
+def check_image_classifier(model, labels: list[str], crop_and_scale: str) -> None:
+    """What makes the model a drop-in for Create ML's in Apple's Vision sample, and what
+    Core ML's pipeline validator checks (each part's inputs are what the parts before
+    it output, exactly)."""
     spec = model.get_spec()
+    assert spec.WhichOneof("Type") == "pipelineClassifier"  # as Create ML's image classifiers
+    assert spec.specificationVersion >= 7  # Core ML 6 (iOS 16): a pipeline of ML programs
     (image,) = spec.description.input
     assert image.name == "image" and image.type.WhichOneof("Type") == "imageType"
     assert (image.type.imageType.width, image.type.imageType.height) == (224, 224)
     assert image.type.imageType.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB
+    assert crop_and_scale in image.shortDescription
     outputs = {o.name: o.type.WhichOneof("Type") for o in spec.description.output}
     assert outputs == {"classLabel": "stringType", "classLabelProbs": "dictionaryType"}
     assert spec.description.predictedFeatureName == "classLabel"
     assert spec.description.predictedProbabilitiesName == "classLabelProbs"
-    assert list(spec.mlProgram.functions["main"].block_specializations) == ["CoreML5"]  # iOS 15 opset
-    metadata = spec.description.metadata
-    assert json.loads(metadata.userDefined["labels"]) == LABELS
-    assert metadata.userDefined["extractor"] == "v1"
-    user = dict(metadata.userDefined)
+    user = dict(spec.description.metadata.userDefined)
+    assert json.loads(user["labels"]) == labels
+    assert user["crop_and_scale"] == crop_and_scale
+    assert (user["extractor"], user["architecture"]) == ("v1", "tf_efficientnet_lite0")
     assert datetime.fromisoformat(user["trained_at"]).tzinfo is not None
     assert len(user["data_fingerprint"]) == 64
-    assert metadata.shortDescription and metadata.versionString == "1.0"
-    # The normalisation is the image input's scale and bias: the program's first ops.
-    program = load_mil(spec, spec.specificationVersion, model.weights_dir)
+    assert spec.description.metadata.shortDescription and spec.description.metadata.versionString == "1.0"
+
+    backbone, head = spec.pipelineClassifier.pipeline.models
+    types = {f.name: f.type for f in spec.description.input}
+    for part in (backbone, head):
+        assert part.WhichOneof("Type") == "mlProgram"
+        assert list(part.mlProgram.functions["main"].block_specializations) == ["CoreML6"]  # iOS 16 opset
+        assert all(f.type == types[f.name] for f in part.description.input), part.description
+        types.update({f.name: f.type for f in part.description.output})
+    assert all(f.type == types[f.name] for f in spec.description.output)
+    (features,) = backbone.description.output
+    assert list(features.type.multiArrayType.shape) == [1, 1280]
+
+    # The normalisation is the image input's scale and bias: the backbone's first ops.
+    program = load_mil(backbone, backbone.specificationVersion, model.weights_dir)
     scale, bias = [op for op in program.functions["main"].operations if op.op_type in ("mul", "add")][:2]
     assert (scale.op_type, bias.op_type) == ("mul", "add")
     assert float(scale.inputs["y"].val) == pytest.approx(1 / (255 * 0.5), rel=1e-3)
     assert np.allclose(np.ravel(bias.inputs["y"].val), -1.0, atol=1e-3)  # -mean / std
+    program = load_mil(head, head.specificationVersion, model.weights_dir)
+    (classify,) = [op for op in program.functions["main"].operations if op.op_type == "classify"]
+    assert list(classify.classes.val) == labels  # in the order of the probabilities
+
+
+def test_core_ml_model_is_an_image_classifier(converted):
+    check_image_classifier(core_ml_model(converted), ["rouge écarlate", "green, leafy", "blue"], "scaleFit")
+
+
+def cached_files(cfg) -> dict[str, tuple[int, int]]:
+    """The backbone's cached conversions: file -> (mtime in ns, size)."""
+    files = sorted(
+        p for p in Path(cfg.paths.feature_cache).rglob("*") if p.is_file() and CACHE_FOLDER in p.parts
+    )
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
+
+
+def twin_and_torch(cfg, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of (B, S, S, 3) uint8 pixels from the ONNX twin and from torch's
+    backbone and head (models/head.ckpt), one image per call as the twin takes them."""
+    session = ort.InferenceSession(f"{cfg.paths.models_dir}/{cfg.model.name}.onnx")
+    images = pixels.transpose(0, 3, 1, 2).astype(np.float32)
+    twin = np.concatenate([session.run(None, {"image": image[None]})[0] for image in images])
+    head, _ = load_checkpoint(cfg.paths.checkpoint)
+    with torch.inference_mode():
+        reference = nn.Sequential(image_features(cfg.extractor), Probabilities(head))(
+            torch.from_numpy(images)
+        )
+    return twin, reference.numpy()
+
+
+def test_a_new_head_reuses_the_cached_backbone_and_the_twin_matches_torch(converted, monkeypatch, caplog):
+    cfg = converted
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cached = cached_files(cfg)
+    assert len(cached) > 3  # the ONNX graph and a Core ML package's files
+    labels = ["cat", "dog"]
+    save_checkpoint(cfg.paths.checkpoint, hand_made_checkpoint(cfg, labels, "scaleFit", [32], seed=1))
+
+    started = time.perf_counter()
+    with caplog.at_level("INFO", logger="pipeline.export"):
+        convert.run(cfg)
+    print(f"convert with a new head, in process: {time.perf_counter() - started:.1f} s")
+    assert not caplog.records  # "converting ..." / "exporting ..." only when not cached
+    assert cached_files(cfg) == cached  # not rewritten, nor touched by opening them
+    check_image_classifier(core_ml_model(cfg), labels, "scaleFit")
+
+    metadata = ort.InferenceSession(f"{cfg.paths.models_dir}/{cfg.model.name}.onnx").get_modelmeta()
+    about = metadata.custom_metadata_map
+    assert json.loads(about["labels"]) == labels and about["crop_and_scale"] == "scaleFit"
+    assert "scaleFit" in about["input"] and about["extractor"] == "v1"
+    photos = [to_square(load_rgb(path, 224), 224, "scaleFit") for path in DEMO_IMAGES]
+    noise = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    twin, reference = twin_and_torch(cfg, np.stack([*photos, *noise]))
+    assert twin.shape == (len(photos) + 2, 2)
+    assert np.abs(twin - reference).max() < 1e-4
+    assert reference.max() > 0.9  # probabilities far from uniform: the comparison means something
+
+
+PROBE = """
+import json, sys, time
+started = time.perf_counter()
+from pipeline.convert import main
+main()
+print(json.dumps({"seconds": time.perf_counter() - started, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_convert_with_a_cached_backbone_imports_only_what_it_needs(converted):
+    """Lightning, timm, torch's dynamo and the converters coremltools offers for other
+    libraries cost seconds to import; a `convert` that finds its backbone needs none."""
+    overrides = [f"paths.{key}={value}" for key, value in converted.paths.items()]
+    overrides.append(f"mlflow.tracking_uri={converted.mlflow.tracking_uri}")
+    result = run([sys.executable, "-c", PROBE, *overrides], REPO)
+    report = json.loads(result.stdout.splitlines()[-1])
+    print(f"python -m pipeline.convert with its backbone cached: {report['seconds']:.1f} s after start-up")
+    heavy = {"pytorch_lightning", "lightning", "timm", "torch._dynamo", "sklearn", "torchvision"}
+    assert not heavy & set(report["modules"])
+
+
+def test_exported_backbones_pad_by_constants(exported_v1, converted):
+    """timm's TF-style "same" padding, computed from the input's shape, is fixed at
+    export: no shape arithmetic in the graphs, which onnxruntime then reduces to
+    convolutions (pipeline.backbone.fix_same_padding)."""
+    twin = f"{converted.paths.models_dir}/{converted.model.name}.onnx"
+    for path in (exported_v1, twin):
+        operators = {node.op_type for node in onnx.load(path).graph.node}
+        assert "Conv" in operators and not {"Shape", "Ceil"} & operators, path
 
 
 def demo_test_predictions(project) -> list[dict]:
@@ -62,13 +218,20 @@ def demo_test_predictions(project) -> list[dict]:
         return [row for row in csv.DictReader(file) if row["split"] == "test"]
 
 
+def test_demo_core_ml_model_is_an_image_classifier(demo_project):
+    model = ct.models.MLModel(str(demo_project / "models/ImageClassifier.mlpackage"), skip_model_load=True)
+    _, checkpoint = load_checkpoint(demo_project / "models/head.ckpt")
+    check_image_classifier(model, LABELS, checkpoint.crop_and_scale)
+
+
 def test_onnx_twin_predicts_what_the_pipeline_measured(demo_project):
     session = ort.InferenceSession(str(demo_project / "models/ImageClassifier.onnx"))
-    labels = json.loads(session.get_modelmeta().custom_metadata_map["labels"])
+    about = session.get_modelmeta().custom_metadata_map
+    labels = json.loads(about["labels"])
     rows = demo_test_predictions(demo_project)
     assert len(rows) == 60
     for row in rows:
-        pixels = center_crop_square(load_rgb(demo_project / row["path"], 224), 224)
+        pixels = to_square(load_rgb(demo_project / row["path"], 224), 224, about["crop_and_scale"])
         probabilities = session.run(None, {"image": pixels.transpose(2, 0, 1)[None].astype(np.float32)})[0][0]
         assert labels[probabilities.argmax()] == row["predicted"], row["path"]
         assert abs(probabilities.max() - float(row["confidence"])) < 1e-3, row["path"]
@@ -102,9 +265,9 @@ def dense(var) -> np.ndarray:
 
 
 def with_core_ml_weights(model: nn.Module, program) -> nn.Module:
-    """`model`, BatchNorms folded, with every conv and linear layer's weight and bias as
-    the Core ML program stores them, layer by layer in program order."""
-    model = fold_batch_norms(copy.deepcopy(model))  # a copy: the head is shared
+    """A copy of `model`, BatchNorms folded, with every conv and linear layer's weight and
+    bias as the Core ML program stores them, layer by layer in program order."""
+    model = fold_batch_norms(copy.deepcopy(model))
     layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     ops = weighted_layers(program)
     assert len(ops) == len(layers)
@@ -120,32 +283,35 @@ def with_core_ml_weights(model: nn.Module, program) -> nn.Module:
 
 
 def test_int8_weights_keep_accuracy(demo_project, tmp_path):
-    """The int8 Core ML model's weights, decoded and run in PyTorch (no Core ML runtime
-    here): within 1 point of float32 on the demo test set, i.e. no test image lost."""
+    """The int8 Core ML backbone's weights, decoded and run in PyTorch (no Core ML runtime
+    here) before the head: within 1 point of float32 on the demo test set, i.e. no test
+    image lost."""
     head, checkpoint = load_checkpoint(demo_project / "models/head.ckpt")
-    cfg = compose_config("model.precision=int8")
+    cfg = compose_config("model.precision=int8", f"paths.feature_cache={tmp_path / 'cache'}")
     package = tmp_path / "int8.mlpackage"
-    to_core_ml(cfg, head, checkpoint).save(str(package))
+    backbones = BackboneConversions(cfg.paths.feature_cache, cfg.extractor, checkpoint.extractor)
+    to_core_ml(cfg, head, checkpoint, backbones).save(str(package))
     saved = ct.models.MLModel(str(package), skip_model_load=True)
-    spec = saved.get_spec()
-    assert list(spec.mlProgram.functions["main"].block_specializations) == ["CoreML6"]  # iOS 16 opset
-    program = load_mil(spec, spec.specificationVersion, saved.weights_dir)
+    backbone, _ = saved.get_spec().pipelineClassifier.pipeline.models
+    program = load_mil(backbone, backbone.specificationVersion, saved.weights_dir)
     for op in weighted_layers(program):  # coremltools' rule: weights over 2048 elements are 8-bit
         stored = op.weight.op
         assert (stored.op_type == "constexpr_affine_dequantize") == (np.prod(op.weight.shape) > 2048)
         assert stored.op_type == "const" or stored.quantized_data.val.dtype == np.int8
 
     rows = demo_test_predictions(demo_project)
-    pixels = np.stack([center_crop_square(load_rgb(demo_project / r["path"], 224), 224) for r in rows])
+    pixels = np.stack(
+        [to_square(load_rgb(demo_project / r["path"], 224), 224, checkpoint.crop_and_scale) for r in rows]
+    )
     batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
     truth = np.array([LABELS.index(r["actual"]) for r in rows])
 
-    def accuracy(model) -> float:
+    def accuracy(backbone: nn.Module) -> float:
         with torch.inference_mode():
-            return float((model(batch).argmax(dim=1).numpy() == truth).mean())
+            return float((head(backbone(batch)).argmax(dim=1).numpy() == truth).mean())
 
-    float32 = accuracy(full_model(cfg.extractor, head, normalize_inside=True))
-    int8 = accuracy(with_core_ml_weights(full_model(cfg.extractor, head, normalize_inside=True), program))
+    float32 = accuracy(image_features(cfg.extractor))
+    int8 = accuracy(with_core_ml_weights(image_features(cfg.extractor), program))
     print(
         f"demo test accuracy: float32 {float32:.4f}, int8 Core ML weights {int8:.4f}; "
         f"int8 .mlpackage {size_on_disk(package) / 2**20:.2f} MB"

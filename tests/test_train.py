@@ -1,37 +1,101 @@
 import numpy as np
 import pytest
+import torch
 
 from pipeline.config import compose_config
+from pipeline.regularization import STRENGTHS, fold_of_each_row
 from pipeline.train import EpochCurve, balanced_class_weights, fit_head
 
 
-def separable_table(n_per_label: int = 30, dim: int = 16) -> dict:
+def blobs_table(n_per_label: int = 30, dim: int = 16, mislabelled: float = 0.0, copies: int = 0) -> dict:
+    """Three labels of Gaussian blobs, a share of them `mislabelled`; `copies`
+    near-identical rows per image, as augmentation adds."""
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 3, (3, dim))
     labels = np.repeat(np.arange(3), n_per_label)
+    wrong = rng.random(len(labels)) < mislabelled
+    given = np.where(wrong, (labels + rng.integers(1, 3, len(labels))) % 3, labels)
     split = np.where(np.arange(len(labels)) % 5 == 0, "validation", "train")
     features = (centres[labels] + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
-    return {"features": features, "label_index": labels, "split": split, "meta": {"labels": ["a", "b", "c"]}}
+    labels = given
+    paths = np.array([f"image{i}.png" for i in range(len(labels))])
+    if copies:
+        features = np.concatenate([features] + [features + rng.normal(0, 0.01, features.shape)] * copies)
+        labels, split, paths = (np.tile(column, copies + 1) for column in (labels, split, paths))
+    return {
+        "features": features.astype(np.float32),
+        "label_index": labels,
+        "split": split,
+        "path": paths,
+        "meta": {"labels": ["a", "b", "c"]},
+    }
 
 
 @pytest.mark.parametrize("head", ["logistic", "mlp"])
 def test_head_learns_and_logs_one_curve_point_per_epoch(head):
-    cfg = compose_config(f"head={head}", "train.max_iterations=15")
+    cfg = compose_config(f"head={head}", "train.max_iterations=15", "train.regularization=0.01")
     curve = EpochCurve()
-    fitted = fit_head(cfg, separable_table(), [curve])
-    assert [row["epoch"] for row in curve.rows] == list(range(15))
+    fitted, strength = fit_head(cfg, blobs_table(), [curve])
+    assert strength == 0.01
+    assert [row["epoch"] for row in curve.rows] == list(range(len(curve.rows)))
+    assert 1 < len(curve.rows) <= 15
     assert curve.rows[-1]["validation_accuracy"] == 1.0
     assert curve.rows[-1]["train_loss"] < curve.rows[0]["train_loss"]
     hidden = [m for m in fitted.layers if m.__class__.__name__ == "Linear"][:-1]
     assert [layer.out_features for layer in hidden] == ([256] if head == "mlp" else [])
 
 
+def test_head_standardises_its_input_inside_the_model():
+    """The exported models take raw features: a constant offset on every feature the
+    head was trained with must not change its predictions."""
+    table = blobs_table()
+    shifted = {**table, "features": table["features"] + 100.0}
+    cfg = compose_config("train.regularization=0.01")
+    plain, _ = fit_head(cfg, table, [])
+    moved, _ = fit_head(cfg, shifted, [])
+    with torch.no_grad():
+        a = plain(torch.from_numpy(table["features"])).softmax(1)
+        b = moved(torch.from_numpy(shifted["features"])).softmax(1)
+    assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_cross_validation_regularises_noisy_labels_more_than_clean_ones():
+    """Mislabelled images need a stronger L2 penalty than clean ones; `auto` must
+    find that out from the training features alone."""
+    cfg = compose_config("train.regularization=auto")
+    _, clean = fit_head(cfg, blobs_table(n_per_label=60), [])
+    _, noisy = fit_head(cfg, blobs_table(n_per_label=60, mislabelled=0.3), [])
+    assert clean in STRENGTHS and noisy in STRENGTHS
+    assert noisy > clean
+
+
+def test_augmented_copies_stay_in_their_image_fold():
+    """A copy held out while its original trains would make every strength look good."""
+    table = blobs_table(copies=2)
+    train = table["split"] == "train"
+    folds = fold_of_each_row(table["label_index"][train], table["path"][train], 5, seed=0)
+    for path in np.unique(table["path"][train]):
+        assert len(set(folds[table["path"][train] == path])) == 1
+    assert sorted(set(folds)) == [0, 1, 2, 3, 4]
+
+
+def test_logistic_head_stops_when_converged():
+    cfg = compose_config("train.max_iterations=500", "train.regularization=0.1")
+    curve = EpochCurve()
+    fit_head(cfg, blobs_table(), [curve])
+    assert len(curve.rows) < 500
+
+
 def test_early_stopping_ends_training_before_max_iterations():
     cfg = compose_config(
-        "train.max_iterations=300", "train.early_stopping_patience=3", "train.learning_rate=0.05"
+        "head=mlp",
+        "train.max_iterations=300",
+        "train.early_stopping_patience=3",
+        "train.learning_rate=0.05",
+        "train.regularization=0",
     )
     curve = EpochCurve()
-    fit_head(cfg, separable_table(), [curve])
+    fit_head(cfg, blobs_table(), [curve])
     assert len(curve.rows) < 300
 
 

@@ -1,0 +1,53 @@
+"""The trained head's file, `models/head.ckpt`: its typed schema, save and load.
+
+Readers (evaluate, convert, predict, retrain, the Python API) get the head and
+everything needed to use it without importing Lightning or MLflow.
+"""
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.head import ClassifierHead
+
+
+@dataclass
+class Checkpoint:
+    labels: list[str]
+    in_features: int
+    head: dict  # type, hidden_sizes, dropout
+    extractor: dict  # the feature cache's description: name, fingerprint, input_size, crop_and_scale, ...
+    input_size: int
+    data_fingerprint: str
+    mlflow_run_id: str
+    trained_at: str
+    regularization: float  # the L2 strength the head was trained with (chosen by cross-validation or set)
+    state_dict: dict = field(repr=False)
+
+    @property
+    def crop_and_scale(self) -> str:
+        """Vision's imageCropAndScaleOption the features were made with."""
+        return self.extractor["crop_and_scale"]
+
+    def build_head(self) -> ClassifierHead:
+        head = ClassifierHead(
+            self.in_features, len(self.labels), self.head["hidden_sizes"], self.head["dropout"]
+        )
+        head.load_state_dict(self.state_dict)
+        return head.eval()
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Written to a temporary file beside it, then renamed: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(asdict(checkpoint), partial)
+    partial.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[ClassifierHead, Checkpoint]:
+    checkpoint = Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
+    return checkpoint.build_head(), checkpoint
