@@ -31,14 +31,14 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
         else:
             params[prefix] = str(node)
 
-    for section in ("extractor", "augment", "head", "train", "split", "data"):
+    for section in ("extractor", "extract", "augment", "head", "train", "split", "data"):
         walk(section, resolved[section])
     return params
 
 
 def start_run(cfg: DictConfig, data_fingerprint: str) -> str:
     use_store(cfg)
-    name = f"{cfg.extractor.name}-{cfg.head.type}-lr{cfg.train.learning_rate}"
+    name = f"{cfg.extractor.name}-{cfg.head.type}-{cfg.extract.crop_and_scale}"
     with mlflow.start_run(run_name=name) as run:
         mlflow.log_params(flat_params(cfg))
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")

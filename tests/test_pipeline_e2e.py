@@ -98,7 +98,7 @@ def test_augmentations_rerun_extract_onward_and_keep_validation_accuracy(demo_pr
 
 
 def test_learning_rate_change_reruns_train_onward(project):
-    edit_conf(project, "learning_rate: 0.003", "learning_rate: 0.01")
+    edit_conf(project, "learning_rate: 0.001", "learning_rate: 0.01")
     assert ran_stages(run(["dvc", "repro"], project).stdout) == ["train", "evaluate", "convert"]
 
 

@@ -82,7 +82,7 @@ def test_worse_candidate_is_registered_but_not_promoted(project):
 
 def test_overlapping_runs_one_runs_one_exits_locked(project):
     config = project / "conf/config.yaml"
-    config.write_text(config.read_text().replace("learning_rate: 0.003", "learning_rate: 0.004"))
+    config.write_text(config.read_text().replace("learning_rate: 0.001", "learning_rate: 0.002"))
     first = subprocess.Popen(RETRAIN, cwd=project, env=project_env(), stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while (project / ".retrain.lock").read_text().strip() != str(first.pid):  # it holds the lock

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from pipeline.config import compose_config
+from pipeline.head import ClassifierHead
 from pipeline.regularization import STRENGTHS, fold_of_each_row
 from pipeline.train import EpochCurve, balanced_class_weights, fit_head
 
@@ -102,3 +103,14 @@ def test_early_stopping_ends_training_before_max_iterations():
 def test_balanced_class_weights_equalise_labels():
     weights = balanced_class_weights(np.array([0] * 90 + [1] * 10), 2)
     assert weights.tolist() == pytest.approx([100 / 180, 100 / 20])
+
+
+def test_features_that_never_vary_in_training_are_not_blown_up():
+    """A channel that is 0 on every training image (common on few, plain images) must
+    neither divide by zero nor swamp the others when a new image lights it."""
+    features = torch.rand(20, 8)
+    features[:, :3] = 0.0
+    head = ClassifierHead(8, 2).standardise_on(features)
+    assert torch.isfinite(head.scale).all()
+    assert head.scale[:3].max() <= 10 / features.std(dim=0).mean() + 1e-4
+    assert torch.isfinite(ClassifierHead(8, 2).standardise_on(torch.zeros(5, 8)).scale).all()
