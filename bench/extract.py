@@ -1,5 +1,5 @@
 """Extraction speed and memory, each figure a ratio against a baseline measured in
-the same run (issue 3). Run from the project root:
+the same run (README "Extraction speed"). Run from the project root:
 
     python bench/extract.py              # about 6 minutes on 2 CPU cores (more the first time)
     python bench/extract.py --quick      # smaller folders, a rough look in about 2
@@ -249,21 +249,6 @@ def usual_process_seconds(paths: list[Path], cfg, cwd: Path) -> tuple[float, dic
     return time.perf_counter() - started, json.loads(out.splitlines()[-1])
 
 
-def stamped_lines(command: list[str], cwd: Path) -> tuple[float, list[tuple[float, str]]]:
-    """Run `command`; its wall time and each output line with the second it arrived."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines = [(time.perf_counter() - started, line) for line in process.stdout]
-    seconds = time.perf_counter() - started
-    if process.wait() != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{''.join(line for _, line in lines)}")
-    return seconds, lines
-
-
 def phases(seconds: float, lines: list[tuple[float, str]]) -> dict[str, float]:
     """Where the extract process's wall time went, from its log lines: start (Python,
     imports, Hydra, the split, the cache), the one-time ONNX export, the extraction
@@ -286,11 +271,12 @@ def phases(seconds: float, lines: list[tuple[float, str]]) -> dict[str, float]:
 
 def whole_process_on_fresh_clone(paths: list[Path], cfg, work: Path) -> tuple[float, dict[str, float]]:
     """`python -m pipeline.extract` in a fresh clone whose split is done; seconds and phases."""
-    from bench.retrain import fresh_clone  # the clone as tests/conftest.py makes it
+    from bench.retrain import fresh_clone, stamped_lines  # a project and its timing, as retrain's
 
     data = work / "process-data"
     shutil.rmtree(data, ignore_errors=True)
     link_project_data(paths, data)
+    shutil.rmtree(work / "clone", ignore_errors=True)
     clone = fresh_clone(work / "clone")
     overrides = [f"data.train_dir={data}", "data.test_dir=null"]
     # the split reads every file once, so both sides then read them from the page cache

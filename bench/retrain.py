@@ -42,7 +42,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 # The project root instead of bench/: bench/datasets.py must not shadow a library called datasets.
-sys.path[0] = str(ROOT)
+# tests/ after it: a fresh project is made the way the tests make theirs.
+sys.path[0:1] = [str(ROOT), str(ROOT / "tests")]
+
+from conftest import fresh_clone, project_env  # noqa: E402
 
 CLIPART_CANDIDATES = (
     Path("/tmp/oc/usr/share/openclipart/png"),  # where the docstring's dpkg -x puts it
@@ -175,42 +178,30 @@ def build_set(clipart: Path, total: int, seed: int, workdir: Path) -> ImageSet:
 # --- a fresh project and `dvc repro` in it ------------------------------------------------
 
 
-def project_env() -> dict[str, str]:
-    """A user's shell (as tests/conftest.py has it): venv first, the project's own MLflow
-    store, no progress bars, and unbuffered output so that DVC's lines arrive when printed."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(
-        GIT_AUTHOR_NAME="bench",
-        GIT_AUTHOR_EMAIL="bench@example.com",
-        GIT_COMMITTER_NAME="bench",
-        GIT_COMMITTER_EMAIL="bench@example.com",
-        TQDM_DISABLE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+def bench_env() -> dict[str, str]:
+    """A user's shell as the tests make it, with unbuffered output so that DVC's lines
+    arrive when they are printed (their arrival times are the stage timings)."""
+    return {**project_env(), "PYTHONUNBUFFERED": "1"}
 
 
 def run(args: list[str], cwd: Path) -> str:
-    result = subprocess.run(args, cwd=cwd, env=project_env(), capture_output=True, text=True)
+    result = subprocess.run(args, cwd=cwd, env=bench_env(), capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result.stdout
 
 
-def fresh_clone(target: Path) -> Path:
-    """The project's files as a fresh clone has them (tracked plus new, unignored), committed."""
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    names = run(["git", "ls-files", "-co", "--exclude-standard"], ROOT).split("\n")
-    for name in filter(None, names):
-        if (ROOT / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, target / name)
-    run(["git", "init", "-q"], target)
-    run(["git", "add", "-A"], target)
-    run(["git", "commit", "-qm", "fresh clone"], target)
-    return target
+def stamped_lines(command: list[str], cwd: Path) -> tuple[float, list[tuple[float, str]]]:
+    """Run `command`; its wall time and each output line with the second it arrived."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=cwd, env=bench_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = [(time.perf_counter() - started, line) for line in process.stdout]
+    seconds = time.perf_counter() - started
+    if process.wait() != 0:
+        sys.exit(f"{' '.join(command)} failed in {cwd}:\n{''.join(line for _, line in lines)[-3000:]}")
+    return seconds, lines
 
 
 def link_images(source: Path, target: Path) -> None:
@@ -252,21 +243,8 @@ class Repro:
 
 def timed_repro(project: Path, log_file: Path) -> Repro:
     """`dvc repro`, each output line stamped as it arrives (the log keeps the stamps)."""
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=project,
-        env=project_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    stamped = [(time.perf_counter() - started, line) for line in process.stdout]
-    seconds = time.perf_counter() - started
-    log = "".join(f"{at:7.2f} {line}" for at, line in stamped)
-    log_file.write_text(log)
-    if process.wait() != 0:
-        sys.exit(f"dvc repro failed in {project} (log: {log_file}):\n{log[-3000:]}")
+    seconds, stamped = stamped_lines(["dvc", "repro"], project)
+    log_file.write_text("".join(f"{at:7.2f} {line}" for at, line in stamped))
     return Repro(seconds, stage_times(stamped, seconds))
 
 
@@ -345,6 +323,7 @@ def main() -> None:
     print(f"building {total} + {NEW_IMAGES} images from {clipart} (first run only) ...", flush=True)
     images = build_set(clipart, total, args.seed, args.workdir)
     print("making a fresh clone of the project ...", flush=True)
+    shutil.rmtree(args.workdir / "project", ignore_errors=True)
     project = fresh_clone(args.workdir / "project")
     link_images(images.train, project / "images/train")
     link_images(images.test, project / "images/test")

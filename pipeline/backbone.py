@@ -2,7 +2,6 @@
 
 import copy
 import io
-import os
 import warnings
 from functools import partial
 from pathlib import Path
@@ -13,6 +12,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.feature_cache import weights_file
+from pipeline.files import write_atomically
 
 ONNX_OPSET = 18  # of new exports (a head joining a cached backbone takes the backbone's)
 
@@ -163,10 +163,7 @@ def onnx_graph(
 
 
 def save_onnx(graph: onnx.ModelProto, path: Path) -> None:
-    """Written under a temporary name beside `path`, then renamed: never half a file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    onnx.save(graph, partial)
-    partial.replace(path)
+    write_atomically(path, partial(onnx.save, graph))
 
 
 def export_feature_extractor(extractor: DictConfig, path: Path) -> None:

@@ -4,12 +4,13 @@ Readers (evaluate, convert, predict, retrain, the Python API) get the head and
 everything needed to use it without importing Lightning or MLflow.
 """
 
-import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from pipeline.files import write_atomically
 from pipeline.head import ClassifierHead
 
 
@@ -40,12 +41,7 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
-    """Written to a temporary file beside it, then renamed: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(asdict(checkpoint), partial)
-    partial.replace(path)
+    write_atomically(path, partial(torch.save, asdict(checkpoint)))
 
 
 def load_checkpoint(path: str | Path) -> tuple[ClassifierHead, Checkpoint]:

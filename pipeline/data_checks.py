@@ -1,4 +1,5 @@
-"""Create ML's guidance on training data, as warnings (SPEC 2): nothing here stops a run."""
+"""Create ML's guidance on training data, as warnings (README "Bring your own images"):
+nothing here stops a run."""
 
 from collections import Counter, defaultdict
 

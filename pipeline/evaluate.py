@@ -1,5 +1,5 @@
 """Stage `evaluate`: accuracy per split, per-label precision/recall/F1, the
-confusion matrix and the misclassified images (SPEC 3, 4)."""
+confusion matrix and the misclassified images (README "The stages")."""
 
 import csv
 import logging

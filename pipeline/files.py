@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -19,3 +21,13 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = No
         writer = csv.DictWriter(file, fieldnames=columns or list(rows[0]), restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary)` beside `path`, then a rename onto it: readers, and a run that
+    was killed, see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(temporary)
+    temporary.replace(path)

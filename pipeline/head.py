@@ -40,9 +40,12 @@ class ClassifierHead(nn.Module):
         self.scale.copy_(1.0 / spread.clamp_min(max(0.1 * float(spread.mean()), 1e-6)))
         return self
 
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.shift) * self.scale
+
     def weights(self) -> list[torch.Tensor]:
         """The weight matrices the L2 penalty applies to (biases are not penalised)."""
         return [layer.weight for layer in self.layers if isinstance(layer, nn.Linear)]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers((features - self.shift) * self.scale)
+        return self.layers(self.standardise(features))

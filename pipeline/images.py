@@ -1,5 +1,5 @@
 """Finding labelled images in folders and decoding them the one way training and
-the exported models agree on (SPEC 2)."""
+the exported models agree on (README "Bring your own images")."""
 
 import hashlib
 from dataclasses import dataclass

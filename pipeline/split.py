@@ -1,4 +1,4 @@
-"""Stage `split`: which images train, which validate, which test (SPEC 3).
+"""Stage `split`: which images train, which validate, which test (README "The stages").
 
 Images are identified by content hash, so renaming a file changes nothing and
 duplicates of one image always land together. The split is committed to git

@@ -1,4 +1,5 @@
-"""MLflow: one run per trained model, which evaluate and convert add to (SPEC 6)."""
+"""MLflow: one run per trained model, which evaluate and convert add to
+(README "Experiments and comparing runs")."""
 
 import os
 import subprocess

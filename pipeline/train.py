@@ -61,12 +61,6 @@ def rows_of(table: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(table["features"][mask]), torch.from_numpy(table["label_index"][mask])
 
 
-def standardised_rows(table: dict, split: str, head: ClassifierHead) -> tuple[torch.Tensor, torch.Tensor]:
-    features, labels = rows_of(table, split)
-    with torch.no_grad():
-        return (features - head.shift) * head.scale, labels
-
-
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """n / (k * count): each class weighs the same in the loss, as sklearn's 'balanced'."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float32)
@@ -97,8 +91,8 @@ def fit_head(
     labels = table["meta"]["labels"]
     features, targets = rows_of(table, "train")
     head = ClassifierHead(features.shape[1], len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout)
-    head.standardise_on(features)
-    features, targets = standardised_rows(table, "train", head)
+    with torch.no_grad():
+        features = head.standardise_on(features).standardise(features)
     weights = balanced_class_weights(targets.numpy(), len(labels)) if cfg.train.class_weighting else None
     groups = table["path"][table["split"] == "train"]  # an image and its augmented copies
     strength = regularization_strength(cfg, features, targets, groups, weights)
@@ -109,8 +103,11 @@ def fit_head(
     train_rows = Batches(features, targets, batch_size, shuffle=optimizer == "adamw", seed=cfg.train.seed)
     validation = None
     if (table["split"] == "validation").any():
+        validation_features, validation_targets = rows_of(table, "validation")
+        with torch.no_grad():
+            validation_features = head.standardise(validation_features)
         validation = Batches(
-            *standardised_rows(table, "validation", head), len(table["split"]), shuffle=False, seed=0
+            validation_features, validation_targets, len(validation_targets), shuffle=False, seed=0
         )
         if cfg.train.early_stopping_patience > 0:
             callbacks = [

@@ -1,4 +1,4 @@
-"""SPEC 2: messy folders. Nothing crashes, nothing is lost, the user is told."""
+"""Messy folders (README "Bring your own images"). Nothing crashes, nothing is lost, the user is told."""
 
 import csv
 import hashlib

@@ -1,5 +1,5 @@
 """Scheduled retraining: does nothing when nothing changed, promotes only better
-models, never runs twice at once (issue: SPEC 1's scheduled retraining door)."""
+models, never runs twice at once (README "Retraining on a schedule")."""
 
 import os
 import random
