@@ -10,7 +10,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from pipeline.images import DataError
+from pipeline.images import DataError, SettingError
 
 log = logging.getLogger("pipeline")
 
@@ -53,7 +53,7 @@ def stage_entry(task: Callable[[DictConfig], None]) -> Callable[[], None]:
     def task_or_exit(cfg: DictConfig) -> None:
         try:
             task(cfg)
-        except DataError as error:  # the user's data, not our code: one line, no traceback
+        except (DataError, SettingError) as error:  # the user's data or settings: one line, no traceback
             log.error("%s", error)
             sys.exit(2)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.images import check_crop_and_scale
+
 # Bump when images.load_rgb or images.to_square change what they produce:
 # it invalidates every cached feature.
 PREPROCESSING = "exif-upright,alpha-on-white,jpeg-draft,box-reduce,bilinear/3"
@@ -33,6 +35,7 @@ def extractor_fingerprint(extractor: DictConfig, crop_and_scale: str) -> str:
     (input size, normalisation, crop and scale), but not names, batch size or
     runtime (the runtimes agree to 1e-4, tests/test_extract.py).
     """
+    check_crop_and_scale(crop_and_scale)  # before any image is decoded, not once per image
     settings = OmegaConf.to_container(extractor, resolve=True)
     settings = {k: settings[k] for k in ("architecture", "input_size", "mean", "std")}
     settings["crop_and_scale"] = crop_and_scale

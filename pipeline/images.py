@@ -21,6 +21,10 @@ class DataError(Exception):
     """The data cannot be trained on at all; the message names the path."""
 
 
+class SettingError(ValueError):
+    """A setting has a value the pipeline cannot use; the message names the setting."""
+
+
 @dataclass(frozen=True)
 class Skipped:
     path: str
@@ -144,6 +148,13 @@ def _shrink(image: Image.Image, width: int, height: int) -> np.ndarray:
     return cv2.resize(np.asarray(image), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def check_crop_and_scale(option: str) -> None:
+    if option not in CROP_AND_SCALE:
+        raise SettingError(
+            f"extract.crop_and_scale must be one of {', '.join(CROP_AND_SCALE)}, not {option!r}"
+        )
+
+
 def to_square(image: Image.Image, size: int, crop_and_scale: str) -> np.ndarray:
     """The backbone's size x size x 3 uint8 input, by one of Vision's options:
 
@@ -152,6 +163,7 @@ def to_square(image: Image.Image, size: int, crop_and_scale: str) -> np.ndarray:
       elongated objects are lost);
     - `scaleFit`: the longer side scaled to `size`, centred on the background colour.
     """
+    check_crop_and_scale(crop_and_scale)
     if crop_and_scale == "scaleFill":
         return _shrink(image, size, size)
     if crop_and_scale == "centerCrop":
@@ -160,12 +172,10 @@ def to_square(image: Image.Image, size: int, crop_and_scale: str) -> np.ndarray:
         pixels = _shrink(image, width, height)
         left, top = (width - size) // 2, (height - size) // 2
         return np.ascontiguousarray(pixels[top : top + size, left : left + size])
-    if crop_and_scale == "scaleFit":
-        scale = size / max(image.size)
-        width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-        square = np.empty((size, size, 3), np.uint8)
-        square[:] = BACKGROUND
-        left, top = (size - width) // 2, (size - height) // 2
-        square[top : top + height, left : left + width] = _shrink(image, width, height)
-        return square
-    raise ValueError(f"crop_and_scale must be one of {', '.join(CROP_AND_SCALE)}, not {crop_and_scale!r}")
+    scale = size / max(image.size)  # scaleFit
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    square = np.empty((size, size, 3), np.uint8)
+    square[:] = BACKGROUND
+    left, top = (size - width) // 2, (size - height) // 2
+    square[top : top + height, left : left + width] = _shrink(image, width, height)
+    return square

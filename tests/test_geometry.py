@@ -49,6 +49,26 @@ def test_unknown_option_names_the_choices():
         to_square(wide_image(), 224, "stretch")
 
 
+def test_unknown_option_stops_a_stage_with_one_line(tmp_path):
+    """Not every image skipped as undecodable, then a traceback: one line, exit 2."""
+    overrides = [
+        *output_overrides(tmp_path / "out"),
+        f"data.train_dir={REPO / 'data/demo/train'}",
+        f"data.test_dir={REPO / 'data/demo/test'}",
+    ]
+    split.run(compose_config(*overrides))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.extract", "extract.crop_and_scale=stretch", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "extract.crop_and_scale must be one of scaleFill, centerCrop, scaleFit, not 'stretch'" in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("crop_and_scale", CROP_AND_SCALE)
 def test_predict_gives_what_evaluate_recorded_and_core_ml_names_the_option(
