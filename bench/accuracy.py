@@ -30,13 +30,15 @@ import numpy as np
 
 # The project root instead of bench/: bench/datasets.py must not shadow a library called datasets.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
-os.environ.pop("MLFLOW_TRACKING_URI", None)  # it would beat our per-bench store (pipeline/tracking.py)
-os.environ["CI"] = "1"  # pipeline.config.show_progress: no progress bars between the table's lines
+os.environ.pop(
+    "MLFLOW_TRACKING_URI", None
+)  # it would beat our per-bench store (pipeline/project/tracking.py)
+os.environ["CI"] = "1"  # pipeline.project.config.show_progress: no progress bars between the table's lines
 
 from bench import datasets  # noqa: E402
 from bench.probe import Probe  # noqa: E402
 from pipeline import evaluate, extract, split, train  # noqa: E402
-from pipeline.config import compose_config, output_overrides  # noqa: E402
+from pipeline.project.config import compose_config, output_overrides  # noqa: E402
 
 STAGES = (split, extract, train, evaluate)  # convert adds nothing to accuracy
 

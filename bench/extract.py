@@ -40,12 +40,12 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import extract  # noqa: E402
-from pipeline.backbone import export_feature_extractor, load_backbone  # noqa: E402
-from pipeline.config import compose_config, output_overrides  # noqa: E402
-from pipeline.feature_cache import FeatureCache  # noqa: E402
-from pipeline.images import load_rgb, to_square  # noqa: E402
-from pipeline.runtime import onnx_runner  # noqa: E402
+from pipeline.data.images import load_rgb, to_square  # noqa: E402
+from pipeline.features.backbone import export_feature_extractor, load_backbone  # noqa: E402
+from pipeline.features.cache import FeatureCache  # noqa: E402
+from pipeline.features.extraction import fill_cache  # noqa: E402
+from pipeline.features.runtime import onnx_runner  # noqa: E402
+from pipeline.project.config import compose_config, output_overrides  # noqa: E402
 
 DEMO = sorted((ROOT / "data/demo/train").rglob("*.jpg"))
 BASELINE_BATCH = 32
@@ -120,7 +120,7 @@ def pipeline_images_per_second(paths: list[Path], cfg, exported: Path, cache_roo
     with FeatureCache(cache_root, cfg.extractor, cfg.extract.crop_and_scale) as cache:
         shutil.copy(exported, cache.onnx_backbone)
         started = time.perf_counter()
-        failed = extract.fill_cache([(row, None) for row in rows], cfg, cache)
+        failed = fill_cache([(row, None) for row in rows], cfg, cache)
         seconds = time.perf_counter() - started
     assert not failed, failed
     return len(paths) / seconds
@@ -220,7 +220,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
-from pipeline.backbone import load_backbone
+from pipeline.features.backbone import load_backbone
 
 extractor, paths = OmegaConf.create(json.loads(sys.argv[1])), sys.argv[2:]
 size = extractor.input_size

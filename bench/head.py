@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The project root instead of bench/: bench/datasets.py must not shadow a library called datasets.
 sys.path[0] = str(ROOT)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-os.environ["CI"] = "1"  # pipeline.config.show_progress: no progress bars
+os.environ["CI"] = "1"  # pipeline.project.config.show_progress: no progress bars
 os.environ["TQDM_DISABLE"] = "1"
 
 import torch  # noqa: E402
@@ -58,8 +58,9 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from bench.retrain import clipart_root, drawing_rgba, usable_drawings  # noqa: E402
 from pipeline import extract, split  # noqa: E402
-from pipeline.config import compose_config, output_overrides  # noqa: E402
-from pipeline.train import fit_head  # noqa: E402
+from pipeline.features.table import load_table  # noqa: E402
+from pipeline.model.training import fit_head  # noqa: E402
+from pipeline.project.config import compose_config, output_overrides  # noqa: E402
 
 DATA = ROOT / "bench" / ".data" / "head"
 # label -> (openclipart folder, its subfolders too): categories with at least 30
@@ -189,7 +190,7 @@ def feature_table(images: Path, augment: list[str]) -> tuple[dict, object]:
     )
     split.run(cfg)
     extract.run(cfg)
-    return extract.load_table(cfg.paths.features), cfg
+    return load_table(cfg.paths.features), cfg
 
 
 def with_training_vectors(table: dict, count: int, seed: int) -> dict:

@@ -4,7 +4,7 @@ these features?", and so the yardstick the pipeline's options are measured again
 Each image loaded with Pillow, transparency composited on white, the WHOLE image
 resized to the backbone's square input (no crop; Pillow bilinear), normalised as
 the weights expect (pixels / 127.5 - 1), pooled features from the ImageNet
-backbone (loaded by the project's own `pipeline.backbone.load_backbone`), and
+backbone (loaded by the project's own `pipeline.features.backbone.load_backbone`), and
 scikit-learn's `LogisticRegression()` with its defaults except `max_iter=1000`
 (the default 100 L-BFGS steps stop short of convergence on 1280-d features),
 fit on the train folder and scored on the test folder.
@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench import datasets  # noqa: E402
-from pipeline.backbone import load_backbone  # noqa: E402
+from pipeline.features.backbone import load_backbone  # noqa: E402
 
 # name -> the extractor settings `load_backbone` reads; input sizes are the ones
 # each EfficientNet-Lite was trained and evaluated at.

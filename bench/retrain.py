@@ -277,8 +277,8 @@ def import_seconds(project: Path, stage: str) -> float:
 def head_against_sklearn(features_file: Path, threads: int) -> None:
     """fit_head and LogisticRegression() on the project's training rows, once each."""
     from bench.head import compare  # torch, Lightning and sklearn: only now
-    from pipeline.config import compose_config
-    from pipeline.extract import load_table
+    from pipeline.features.table import load_table
+    from pipeline.project.config import compose_config
 
     compare(compose_config(), load_table(features_file), repeats=1, threads=threads)
 

@@ -9,7 +9,7 @@ import sys
 
 from dvc.utils.hydra import compose_and_dump
 
-from pipeline.config import CONF_DIR, accept_plus_for_defaulted_groups
+from pipeline.project.config import CONF_DIR, accept_plus_for_defaulted_groups
 
 PARAMS_FILE = CONF_DIR.parent / "params.yaml"
 

@@ -6,11 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
-
-from pipeline.config import compose_config
-from pipeline.images import is_hidden, load_rgb, to_square
+from pipeline.data.images import is_hidden
+from pipeline.model.onnx_model import OnnxClassifier
+from pipeline.project.config import compose_config
 
 
 def default_model() -> Path:
@@ -28,24 +26,6 @@ def image_files(arguments: list[str]) -> list[Path]:
     return files
 
 
-class Classifier:
-    """The exported model with the preprocessing its metadata states (README "Using the ONNX model")."""
-
-    def __init__(self, model: Path):
-        self.session = ort.InferenceSession(str(model), providers=ort.get_available_providers())
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        self.labels = json.loads(metadata["labels"])
-        self.crop_and_scale = metadata["crop_and_scale"]
-        self.size = self.session.get_inputs()[0].shape[-1]
-
-    def top_k(self, path: Path, k: int) -> list[tuple[str, float]]:
-        pixels = to_square(load_rgb(path, min_side=self.size), self.size, self.crop_and_scale)
-        image = pixels.transpose(2, 0, 1)[None].astype(np.float32)
-        probabilities = self.session.run(None, {"image": image})[0][0]
-        best = np.argsort(-probabilities)[:k]
-        return [(self.labels[i], float(probabilities[i])) for i in best]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__)
     parser.add_argument("images", nargs="+", help="image files or folders")
@@ -57,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if not model.is_file():
         print(f"error: no model at {model}: run `dvc repro` first", file=sys.stderr)
         return 2
-    classifier = Classifier(model)
+    classifier = OnnxClassifier(model)
     results, failed = [], 0
     for path in image_files(args.images):
         try:

@@ -18,9 +18,9 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig
 
-from pipeline import tracking
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import CONF_DIR, stage_entry
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.project import tracking
+from pipeline.project.config import CONF_DIR, stage_entry
 
 log = logging.getLogger(__name__)
 

@@ -1,135 +1,20 @@
-"""Stage `train`: a Lightning head on the cached features (README "The stages")."""
+"""Stage `train`: a Lightning head on the cached features (README "The stages");
+the training itself is pipeline/model/training.py."""
 
 import logging
-from datetime import UTC, datetime
 
 import mlflow
-import numpy as np
-import pytorch_lightning as pl
-import torch
-from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger, MLFlowLogger
+from omegaconf import DictConfig
+from pytorch_lightning.loggers import MLFlowLogger
 
-from pipeline import tracking
-from pipeline.checkpoint import Checkpoint, save_checkpoint
-from pipeline.config import show_progress, stage_entry
-from pipeline.extract import features_for
-from pipeline.files import write_csv
-from pipeline.head import ClassifierHead
-from pipeline.lit_head import LitHead
-from pipeline.regularization import MLP_STRENGTH, choose_strength
+from pipeline.features.extraction import features_for
+from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.training import CURVE_COLUMNS, EpochCurve, checkpoint_for, fit_head
+from pipeline.project import tracking
+from pipeline.project.config import stage_entry
+from pipeline.project.files import write_csv
 
 log = logging.getLogger(__name__)
-
-CURVE_COLUMNS = ["epoch", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy"]
-
-
-class EpochCurve(pl.Callback):
-    """Collects each epoch's train/validation loss and accuracy for DVC's plots."""
-
-    def __init__(self):
-        self.rows = []
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        row = {"epoch": trainer.current_epoch}
-        for column in CURVE_COLUMNS[1:]:
-            if f"epoch/{column}" in trainer.callback_metrics:
-                row[column] = float(trainer.callback_metrics[f"epoch/{column}"])
-        self.rows.append(row)
-
-
-class Batches:
-    """Feature rows in memory as (features, labels) batches, reshuffled each epoch when
-    `shuffle`: a DataLoader's per-item collation cost more than the arithmetic here."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, size: int, shuffle: bool, seed: int):
-        self.features, self.labels, self.size, self.shuffle = features, labels, size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return -(-len(self.labels) // self.size)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.labels), generator=self.generator) if self.shuffle else None
-        for start in range(0, len(self.labels), self.size):
-            rows = slice(start, start + self.size) if order is None else order[start : start + self.size]
-            yield self.features[rows], self.labels[rows]
-
-
-def rows_of(table: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = table["split"] == split
-    return torch.from_numpy(table["features"][mask]), torch.from_numpy(table["label_index"][mask])
-
-
-def balanced_class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """n / (k * count): each class weighs the same in the loss, as sklearn's 'balanced'."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float32)
-    return torch.from_numpy(len(labels) / (num_classes * np.maximum(counts, 1)))
-
-
-def regularization_strength(
-    cfg: DictConfig,
-    standardised: torch.Tensor,
-    labels: torch.Tensor,
-    groups: np.ndarray,
-    class_weights: torch.Tensor | None,
-) -> float:
-    """`train.regularization`, or for `auto` the cross-validated choice (logistic head)."""
-    if cfg.train.regularization != "auto":
-        return float(cfg.train.regularization)
-    if cfg.head.hidden_sizes:
-        return MLP_STRENGTH
-    return choose_strength(standardised, labels, groups, cfg.train.cv_folds, class_weights, cfg.train.seed)
-
-
-def fit_head(
-    cfg: DictConfig, table: dict, callbacks: list[pl.Callback], logger: Logger | bool = False
-) -> tuple[ClassifierHead, float]:
-    """Train the head on the table's train rows, validating on its validation rows.
-    Returns the head and the L2 strength it was trained with."""
-    pl.seed_everything(cfg.train.seed, verbose=False)
-    labels = table["meta"]["labels"]
-    features, targets = rows_of(table, "train")
-    head = ClassifierHead(features.shape[1], len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout)
-    with torch.no_grad():
-        features = head.standardise_on(features).standardise(features)
-    weights = balanced_class_weights(targets.numpy(), len(labels)) if cfg.train.class_weighting else None
-    groups = table["path"][table["split"] == "train"]  # an image and its augmented copies
-    strength = regularization_strength(cfg, features, targets, groups, weights)
-    optimizer = "adamw" if cfg.head.hidden_sizes else "lbfgs"
-    module = LitHead(head, optimizer, cfg.train.learning_rate, strength, weights)
-    # the logistic head takes the whole training set as one batch (see LitHead)
-    batch_size = cfg.train.batch_size if optimizer == "adamw" else len(targets)
-    train_rows = Batches(features, targets, batch_size, shuffle=optimizer == "adamw", seed=cfg.train.seed)
-    validation = None
-    if (table["split"] == "validation").any():
-        validation_features, validation_targets = rows_of(table, "validation")
-        with torch.no_grad():
-            validation_features = head.standardise(validation_features)
-        validation = Batches(
-            validation_features, validation_targets, len(validation_targets), shuffle=False, seed=0
-        )
-        if cfg.train.early_stopping_patience > 0:
-            callbacks = [
-                *callbacks,
-                pl.callbacks.EarlyStopping(
-                    "epoch/validation_loss", patience=cfg.train.early_stopping_patience
-                ),
-            ]
-    trainer = pl.Trainer(
-        max_epochs=cfg.train.max_iterations,
-        accelerator="auto",
-        logger=logger,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,  # epoch-level metrics only; silences a warning on small data
-        num_sanity_val_steps=0,  # it would log a point before the first epoch
-        enable_progress_bar=show_progress(),
-        callbacks=callbacks,
-        deterministic=True,
-    )
-    trainer.fit(module, train_rows, validation)
-    return head.cpu().eval(), strength
 
 
 def run(cfg: DictConfig) -> None:
@@ -142,19 +27,7 @@ def run(cfg: DictConfig) -> None:
     with tracking.resumed_run(cfg, run_id):
         mlflow.log_artifact(cfg.paths.curves)
         mlflow.log_param("train.regularization_used", strength)  # the cross-validated choice, for `auto`
-    checkpoint = Checkpoint(
-        labels=table["meta"]["labels"],
-        in_features=int(table["features"].shape[1]),
-        head=OmegaConf.to_container(cfg.head, resolve=True),
-        extractor=table["meta"]["extractor"],
-        input_size=int(cfg.extractor.input_size),
-        data_fingerprint=table["meta"]["split_sha256"],
-        mlflow_run_id=run_id,
-        trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        regularization=strength,
-        state_dict=head.state_dict(),
-    )
-    save_checkpoint(cfg.paths.checkpoint, checkpoint)
+    save_checkpoint(cfg.paths.checkpoint, checkpoint_for(cfg, table, head, strength, run_id))
     last = curve.rows[-1]
     log.info(
         "trained %s head for %d epochs: %s (MLflow run %s)",

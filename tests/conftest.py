@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.backbone import export_feature_extractor
-from pipeline.config import CONF_DIR, compose_config, output_overrides
-from pipeline.feature_cache import FeatureCache
+from pipeline.features.backbone import export_feature_extractor
+from pipeline.features.cache import FeatureCache
+from pipeline.project.config import CONF_DIR, compose_config, output_overrides
 
 REPO = CONF_DIR.parent
 

@@ -5,9 +5,9 @@ from PIL import Image
 from skimage import data as photos
 from torchvision.models import ResNet50_Weights
 
-from pipeline.backbone import Normalize, load_classifier
-from pipeline.config import compose_config
-from pipeline.images import to_square
+from pipeline.data.images import to_square
+from pipeline.features.backbone import Normalize, load_classifier
+from pipeline.project.config import compose_config
 
 IMAGENET_LABELS = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]  # ships with torchvision
 

@@ -13,9 +13,10 @@ from conftest import with_exported_v1
 from PIL import Image
 
 from pipeline import convert, evaluate, extract, split, train
-from pipeline.backbone import feature_extractor
-from pipeline.config import compose_config, output_overrides
-from pipeline.images import BACKGROUND, CROP_AND_SCALE, load_rgb, to_square
+from pipeline.data.images import BACKGROUND, CROP_AND_SCALE, load_rgb, to_square
+from pipeline.data.split_file import load_split
+from pipeline.features.backbone import feature_extractor
+from pipeline.project.config import compose_config, output_overrides
 
 LABELS = {"rouge écarlate": (200, 40, 40), "green, leafy": (40, 180, 60), "blue": (40, 60, 200)}
 
@@ -141,7 +142,8 @@ def test_data_warnings_follow_create_ml(cfg_factory, tmp_path):
     (tmp_path / "test" / "many" / "copy.png").write_bytes((tmp_path / "train/many/0.png").read_bytes())
     (tmp_path / "train" / "many" / "again.png").write_bytes((tmp_path / "train/many/1.png").read_bytes())
     cfg = cfg_factory(f"data.train_dir={tmp_path / 'train'}", f"data.test_dir={tmp_path / 'test'}")
-    warnings = split.make_split(cfg)["warnings"]
+    split.run(cfg)
+    warnings = load_split(cfg.paths.split)["warnings"]
     assert any("'few' has only 3 training images" in w for w in warnings)
     assert any("unbalanced" in w and "'many' has 41" in w for w in warnings)
     assert any("200x400: under 299 px" in w for w in warnings)

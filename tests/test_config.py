@@ -2,7 +2,7 @@ import yaml
 from conftest import REPO
 from omegaconf import OmegaConf
 
-from pipeline.config import accept_plus_for_defaulted_groups, compose_config
+from pipeline.project.config import accept_plus_for_defaulted_groups, compose_config
 
 
 def test_params_yaml_is_conf_composed():

@@ -3,8 +3,8 @@ import pytest
 import torch
 from sklearn.metrics import classification_report
 
-from pipeline.evaluate import evaluate
-from pipeline.head import ClassifierHead
+from pipeline.evaluation.metrics import evaluate
+from pipeline.model.head import ClassifierHead
 
 
 def test_metrics_equal_sklearn_classification_report():

@@ -16,11 +16,12 @@ import pytest
 from conftest import REPO, make_dataset, project_env, with_exported_v1
 
 from pipeline import extract, split
-from pipeline.augment import AUGMENTATIONS, augmented, planned_copies
-from pipeline.config import compose_config, output_overrides
-from pipeline.feature_cache import FeatureCache
-from pipeline.images import load_rgb, to_square
-from pipeline.runtime import onnx_runner, torch_runner
+from pipeline.data.images import load_rgb, to_square
+from pipeline.features.augment import AUGMENTATIONS, augmented, planned_copies
+from pipeline.features.cache import FeatureCache
+from pipeline.features.runtime import onnx_runner, torch_runner
+from pipeline.features.table import load_table
+from pipeline.project.config import compose_config, output_overrides
 
 DEMO_IMAGES = sorted((REPO / "data/demo/train").rglob("*.jpg"))[::40]
 
@@ -55,7 +56,7 @@ def overrides_for(tmp_path: Path, *extra: str) -> list[str]:
 def split_and_extract(cfg) -> dict:
     split.run(cfg)
     extract.run(cfg)
-    return extract.load_table(cfg.paths.features)
+    return load_table(cfg.paths.features)
 
 
 def test_onnxruntime_features_match_torch(exported_v1):
@@ -110,12 +111,12 @@ def test_killed_extraction_resumes_and_never_reads_a_partial_entry(tmp_path, exp
     before_resume = cache_entries(cfg)  # SQLite rolls back a batch the kill cut short
     assert 40 <= len(before_resume) < len(images)
 
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         extract.run(cfg)
     assert f"extracted {len(images) - len(before_resume)} new feature vectors" in caplog.text
     after = cache_entries(cfg)
     assert {key: after[key] for key in before_resume} == before_resume
-    table = extract.load_table(cfg.paths.features)
+    table = load_table(cfg.paths.features)
     order = [table["path"].tolist().index(str(path)) for path in images]
     expected = onnx_runner(cfg.extractor, exported_v1)(decoded(images))
     assert np.abs(table["features"][order] - expected).max() < 1e-5

@@ -13,8 +13,8 @@ from conftest import REPO, with_exported_v1
 from PIL import Image
 
 from pipeline import convert, evaluate, extract, split, train
-from pipeline.config import compose_config, output_overrides
-from pipeline.images import BACKGROUND, CROP_AND_SCALE, to_square
+from pipeline.data.images import BACKGROUND, CROP_AND_SCALE, to_square
+from pipeline.project.config import compose_config, output_overrides
 
 
 def wide_image() -> Image.Image:

@@ -24,16 +24,17 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from pipeline import convert, tracking
-from pipeline.backbone import image_features
-from pipeline.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import compose_config, output_overrides
-from pipeline.convert import size_on_disk, to_core_ml
-from pipeline.export import CACHE_FOLDER, BackboneConversions, Probabilities
-from pipeline.extract import load_table
-from pipeline.feature_cache import describe
-from pipeline.head import ClassifierHead
-from pipeline.images import load_rgb, to_square
+from pipeline import convert
+from pipeline.data.images import load_rgb, to_square
+from pipeline.features.backbone import image_features
+from pipeline.features.cache import describe
+from pipeline.features.table import load_table
+from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from pipeline.model.export import CACHE_FOLDER, BackboneConversions, Probabilities
+from pipeline.model.head import ClassifierHead
+from pipeline.model.model_files import size_on_disk, to_core_ml
+from pipeline.project import tracking
+from pipeline.project.config import compose_config, output_overrides
 
 pytestmark = pytest.mark.slow
 LABELS = ["flag", "fruit", "mammal", "vehicle"]
@@ -163,7 +164,7 @@ def test_a_new_head_reuses_the_cached_backbone_and_the_twin_matches_torch(conver
     save_checkpoint(cfg.paths.checkpoint, hand_made_checkpoint(cfg, labels, "scaleFit", [32], seed=1))
 
     started = time.perf_counter()
-    with caplog.at_level("INFO", logger="pipeline.export"):
+    with caplog.at_level("INFO", logger="pipeline.model.export"):
         convert.run(cfg)
     print(f"convert with a new head, in process: {time.perf_counter() - started:.1f} s")
     assert not caplog.records  # "converting ..." / "exporting ..." only when not cached
@@ -206,7 +207,7 @@ def test_convert_with_a_cached_backbone_imports_only_what_it_needs(converted):
 def test_exported_backbones_pad_by_constants(exported_v1, converted):
     """timm's TF-style "same" padding, computed from the input's shape, is fixed at
     export: no shape arithmetic in the graphs, which onnxruntime then reduces to
-    convolutions (pipeline.backbone.fix_same_padding)."""
+    convolutions (pipeline.features.backbone.fix_same_padding)."""
     twin = f"{converted.paths.models_dir}/{converted.model.name}.onnx"
     for path in (exported_v1, twin):
         operators = {node.op_type for node in onnx.load(path).graph.node}

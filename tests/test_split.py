@@ -1,12 +1,23 @@
-import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, make_dataset, project_env, write_image
 
-from pipeline.images import DataError
-from pipeline.split import auto_validation_fraction, make_split
+from pipeline import split as split_stage
+from pipeline.data.images import DataError
+from pipeline.data.split_file import load_split
+from pipeline.data.splitting import auto_validation_fraction
+
+
+def make_split(cfg, remember_last: bool = False) -> dict:
+    """The split stage's output; from scratch unless `remember_last`."""
+    path = Path(cfg.paths.split)
+    if not remember_last:
+        path.unlink(missing_ok=True)
+    split_stage.run(cfg)
+    return load_split(path)
 
 
 def splits_by_path(split: dict) -> dict[str, str]:
@@ -36,10 +47,8 @@ def test_new_images_never_move_existing_ones(cfg_factory, tmp_path):
     make_dataset(tmp_path / "train", per_label=40)
     cfg = cfg_factory(f"data.train_dir={tmp_path / 'train'}", "data.test_dir=null", "split.validation=0.2")
     before = make_split(cfg)
-    (tmp_path / "out" / "artifacts").mkdir(parents=True)
-    (tmp_path / "out" / cfg.paths.split).write_text(json.dumps(before))  # last run's output
     make_dataset(tmp_path / "train", per_label=20, start=40)
-    after = splits_by_path(make_split(cfg))
+    after = splits_by_path(make_split(cfg, remember_last=True))
     assert all(after[path] == split for path, split in splits_by_path(before).items())
     assert list(after.values()).count("validation") == round(0.2 * 60) * 3
 

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import compose_config
-from pipeline.head import ClassifierHead
-from pipeline.regularization import STRENGTHS, fold_of_each_row
-from pipeline.train import EpochCurve, balanced_class_weights, fit_head
+from pipeline.model.head import ClassifierHead
+from pipeline.model.regularization import STRENGTHS, fold_of_each_row
+from pipeline.model.training import EpochCurve, balanced_class_weights, fit_head
+from pipeline.project.config import compose_config
 
 
 def blobs_table(n_per_label: int = 30, dim: int = 16, mislabelled: float = 0.0, copies: int = 0) -> dict:
@@ -20,14 +20,19 @@ def blobs_table(n_per_label: int = 30, dim: int = 16, mislabelled: float = 0.0, 
     features = (centres[labels] + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
     labels = given
     paths = np.array([f"image{i}.png" for i in range(len(labels))])
+    shas = np.array([f"{i:064x}" for i in range(len(labels))])
+    copy = np.full(len(labels), "")
     if copies:
         features = np.concatenate([features] + [features + rng.normal(0, 0.01, features.shape)] * copies)
-        labels, split, paths = (np.tile(column, copies + 1) for column in (labels, split, paths))
+        labels, split, paths, shas = (np.tile(column, copies + 1) for column in (labels, split, paths, shas))
+        copy = np.concatenate([copy] + [np.full(len(copy), f"flip{c}") for c in range(copies)])
     return {
         "features": features.astype(np.float32),
         "label_index": labels,
         "split": split,
         "path": paths,
+        "sha256": shas,
+        "copy": copy,
         "meta": {"labels": ["a", "b", "c"]},
     }
 

@@ -7,7 +7,7 @@ import html
 import io
 from pathlib import Path
 
-from pipeline.images import load_rgb
+from pipeline.data.images import load_rgb
 
 STYLE = """
 body { font: 15px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }

@@ -33,7 +33,7 @@ def choose_runtime(requested: str) -> str:
     if requested != "auto":
         return requested
     if gpu_may_be_present():
-        from pipeline.backbone import pick_device
+        from pipeline.features.backbone import pick_device
 
         if pick_device().type != "cpu":
             return "torch"
@@ -43,7 +43,7 @@ def choose_runtime(requested: str) -> str:
 def onnx_runner(extractor: DictConfig, path: Path, threads: int = 0) -> Runner:
     """`threads` per call (0: onnxruntime's choice); calls may run concurrently."""
     if not path.exists():
-        from pipeline.backbone import export_feature_extractor
+        from pipeline.features.backbone import export_feature_extractor
 
         log.info("exporting %s to %s for onnxruntime (once per extractor)", extractor.name, path)
         export_feature_extractor(extractor, path)
@@ -58,7 +58,7 @@ def onnx_runner(extractor: DictConfig, path: Path, threads: int = 0) -> Runner:
 def torch_runner(extractor: DictConfig) -> Runner:
     import torch
 
-    from pipeline.backbone import feature_extractor, pick_device
+    from pipeline.features.backbone import feature_extractor, pick_device
 
     device = pick_device()
     model = feature_extractor(extractor).to(device)

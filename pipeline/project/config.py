@@ -4,17 +4,18 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from pipeline.images import DataError, SettingError
+from pipeline.data.images import DataError, SettingError
 
 log = logging.getLogger("pipeline")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def accept_plus_for_defaulted_groups(argv: list[str]) -> list[str]:
@@ -39,9 +40,24 @@ def output_overrides(root: Path) -> list[str]:
     return [f"paths.{key}={root / value}" for key, value in compose_config().paths.items()]
 
 
+PROGRESS_BARS: dict[str, bool | None] = {"forced": None}  # None: decide by the terminal
+
+
 def show_progress() -> bool:
-    """Progress bars for people at a terminal; CI logs stay quiet."""
+    """Progress bars for people at a terminal; CI logs stay quiet. The Python API
+    may force them either way (a notebook's output is no terminal)."""
+    if PROGRESS_BARS["forced"] is not None:
+        return PROGRESS_BARS["forced"]
     return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@contextmanager
+def progress_bars(enabled: bool | None):
+    before, PROGRESS_BARS["forced"] = PROGRESS_BARS["forced"], enabled
+    try:
+        yield
+    finally:
+        PROGRESS_BARS["forced"] = before
 
 
 def stage_entry(task: Callable[[DictConfig], None]) -> Callable[[], None]:

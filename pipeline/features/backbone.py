@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.feature_cache import weights_file
-from pipeline.files import write_atomically
+from pipeline.features.cache import weights_file
+from pipeline.project.files import write_atomically
 
 ONNX_OPSET = 18  # of new exports (a head joining a cached backbone takes the backbone's)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.images import check_crop_and_scale
+from pipeline.data.images import check_crop_and_scale
 
 # Bump when images.load_rgb or images.to_square change what they produce:
 # it invalidates every cached feature.

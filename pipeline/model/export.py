@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.backbone import fix_same_padding, image_features, onnx_graph, save_onnx
+from pipeline.features.backbone import fix_same_padding, image_features, onnx_graph, save_onnx
 
 
 def import_coremltools():

@@ -3,8 +3,8 @@
 import pytorch_lightning as pl
 import torch
 
-from pipeline.head import ClassifierHead
-from pipeline.regularization import lbfgs, penalised_loss
+from pipeline.model.head import ClassifierHead
+from pipeline.model.regularization import lbfgs, penalised_loss
 
 CONVERGED = 1e-5  # relative change of the objective between L-BFGS iterations
 

@@ -3,7 +3,7 @@ nothing here stops a run."""
 
 from collections import Counter, defaultdict
 
-from pipeline.images import LabelledImage
+from pipeline.data.images import LabelledImage
 
 MIN_IMAGES_PER_LABEL = 10
 MAX_IMBALANCE = 10

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.files import write_atomically
-from pipeline.head import ClassifierHead
+from pipeline.model.head import ClassifierHead
+from pipeline.project.files import write_atomically
 
 
 @dataclass

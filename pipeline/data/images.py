@@ -4,6 +4,7 @@ the exported models agree on (README "Bring your own images")."""
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -70,35 +71,53 @@ def check_image(path: Path, max_pixels: int, decode: bool) -> tuple[int, int]:
     return width, height
 
 
-def scan_labelled_folder(
-    root: Path, max_pixels: int, verified: set[str] = frozenset()
+def files_in_label_folders(root: Path) -> tuple[list[tuple[Path, str]], list[Skipped]]:
+    """(path, label) of every file under `root/<label>/...`; hidden files and files
+    outside a label folder are skipped."""
+    found, skipped = [], []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if any(is_hidden(Path(part)) for part in relative.parts):
+            skipped.append(Skipped(str(path), "hidden file"))
+        elif len(relative.parts) == 1:
+            skipped.append(Skipped(str(path), "not inside a label folder"))
+        else:
+            found.append((path, relative.parts[0]))
+    return found, skipped
+
+
+def check_labelled(
+    files: list[tuple[Path, str]], max_pixels: int, verified: set[str] = frozenset()
 ) -> tuple[list[LabelledImage], list[Skipped]]:
-    """Every file under `root/<label>/...`, either usable or skipped with a reason.
+    """Each (path, label) either usable, with its content hash and size, or skipped
+    with a reason.
 
     Images whose content hash is in `verified` were fully decoded by an earlier
     run, so only their header is read again.
     """
     images, skipped = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = path.relative_to(root)
-        if any(is_hidden(Path(part)) for part in relative.parts):
-            skipped.append(Skipped(str(path), "hidden file"))
-            continue
-        if len(relative.parts) == 1:
-            skipped.append(Skipped(str(path), "not inside a label folder"))
-            continue
-        content = path.read_bytes()
+    for path, label in files:
+        content = Path(path).read_bytes()
         if not content:
             skipped.append(Skipped(str(path), "empty file"))
             continue
         sha256 = hashlib.sha256(content).hexdigest()
         try:
-            width, height = check_image(path, max_pixels, decode=sha256 not in verified)
+            width, height = check_image(Path(path), max_pixels, decode=sha256 not in verified)
         except ValueError as error:
             skipped.append(Skipped(str(path), str(error)))
             continue
-        images.append(LabelledImage(str(path), relative.parts[0], sha256, width, height))
+        images.append(LabelledImage(str(path), label, sha256, width, height))
     return images, skipped
+
+
+def scan_labelled_folder(
+    root: Path, max_pixels: int, verified: set[str] = frozenset()
+) -> tuple[list[LabelledImage], list[Skipped]]:
+    """Every file under `root/<label>/...`, either usable or skipped with a reason."""
+    files, skipped = files_in_label_folders(root)
+    images, unusable = check_labelled(files, max_pixels, verified)
+    return images, sorted(skipped + unusable, key=lambda item: item.path)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -116,8 +135,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
-    """Decode an image upright (EXIF orientation) as RGB on the fixed background.
+def load_rgb(path: str | Path | BinaryIO, min_side: int = 0) -> Image.Image:
+    """Decode an image (a file, or its bytes as a file object) upright (EXIF
+    orientation) as RGB on the fixed background.
 
     `min_side` lets JPEG decode at a reduced scale (draft mode) as long as both
     sides stay at least that large: the resize that follows would discard the rest.

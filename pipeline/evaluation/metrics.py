@@ -1,0 +1,97 @@
+"""Accuracy per split, per-label precision/recall/F1 and one row per image, from a
+head and a feature table (README "The stages"): what `evaluate` writes to
+reports/metrics.json and what the Python API's `evaluation` returns."""
+
+import re
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+from pipeline.features.table import FeatureTable
+
+SPLITS = ("train", "validation", "test")
+
+
+def predict_probabilities(head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return head(torch.from_numpy(features)).softmax(dim=1).numpy()
+
+
+def split_metrics(truth: np.ndarray, predicted: np.ndarray, labels: list[str], per_class: bool) -> dict:
+    metrics = {"accuracy": float(accuracy_score(truth, predicted))}
+    if per_class:
+        indices = list(range(len(labels)))
+        scores = precision_recall_fscore_support(truth, predicted, labels=indices, zero_division=0)
+        precision, recall, f1, count = scores
+        metrics["per_class"] = {
+            label: {
+                "count": int(count[i]),
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+            }
+            for i, label in enumerate(labels)
+        }
+        for average in ("macro", "weighted"):
+            p, r, f, _ = precision_recall_fscore_support(
+                truth, predicted, labels=indices, average=average, zero_division=0
+            )
+            metrics[f"{average}_avg"] = {"precision": float(p), "recall": float(r), "f1": float(f)}
+    return metrics
+
+
+def too_few_to_judge(metrics: dict, minimum: int) -> list[str]:
+    """Labels whose test (else validation) count makes their precision and recall noise."""
+    split = "test" if "test" in metrics else "validation"
+    if split not in metrics:
+        return ["no validation or test images: the accuracies above are on the training data only"]
+    return [
+        f"'{label}' has {scores['count']} {split} images: too few to judge its precision and recall "
+        f"(fewer than {minimum})"
+        for label, scores in metrics[split]["per_class"].items()
+        if scores["count"] < minimum
+    ]
+
+
+def evaluate(head: torch.nn.Module, table: FeatureTable) -> tuple[dict, list[dict]]:
+    """metrics.json's content (a split that does not exist has no key) and one row per image."""
+    labels = table["meta"]["labels"]
+    probabilities = predict_probabilities(head, table["features"])
+    predicted = probabilities.argmax(axis=1)
+    metrics = {}
+    for split in SPLITS:
+        mask = table["split"] == split
+        if mask.any():
+            metrics[split] = split_metrics(
+                table["label_index"][mask], predicted[mask], labels, per_class=split != "train"
+            )
+    rows = [
+        {
+            "path": path,
+            "split": split,
+            "actual": labels[truth],
+            "predicted": labels[guess],
+            "confidence": float(p[guess]),
+        }
+        for path, split, truth, guess, p in zip(
+            table["path"], table["split"], table["label_index"], predicted, probabilities, strict=True
+        )
+    ]
+    return metrics, rows
+
+
+def mlflow_metric_name(name: str) -> str:
+    """MLflow takes letters, digits and `_-. :/` in names; labels may hold anything."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
+def mlflow_metrics(metrics: dict) -> dict[str, float]:
+    """metrics.json flattened: test_accuracy, test_fruit_recall, ..."""
+    flat = {}
+    for split, values in metrics.items():
+        flat[f"{split}_accuracy"] = values["accuracy"]
+        for label, scores in values.get("per_class", {}).items():
+            for name in ("precision", "recall", "f1"):
+                flat[mlflow_metric_name(f"{split}_{label}_{name}")] = scores[name]
+    return flat

@@ -1,0 +1,217 @@
+"""Backbone features for every image of a split and for the augmented copies of
+its training images (README "The stages"): the work of `extract`, and what `train`,
+`evaluate` and the Python API call to get a feature table.
+
+Each image is decoded and run through the backbone once per extractor and
+augmentation, ever: features are cached by content hash, so new images are the
+only work. Batches are decoded and extracted on a pool of worker threads, a
+bounded number ahead of the cache writes, so memory does not grow with the dataset.
+"""
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from pipeline.data.images import DataError, load_rgb, to_square
+from pipeline.data.split_file import Split, SplitRow, load_split, split_digest
+from pipeline.features.augment import Copy, augmented, planned_copies
+from pipeline.features.cache import FeatureCache, extractor_fingerprint
+from pipeline.features.runtime import Runner, open_runner
+from pipeline.features.table import FeatureTable, TableMeta, load_table
+from pipeline.project.config import show_progress
+
+log = logging.getLogger(__name__)
+
+MAX_WORKERS = 8  # each holds a batch of pixels and its activations
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to decode, and the cache entries (original and copies) it is missing."""
+
+    sha256: str
+    path: str
+    entries: tuple[tuple[str, Copy | None], ...]
+
+
+def entry_key(sha256: str, copy: Copy | None) -> str:
+    return sha256 if copy is None else f"{sha256}-{copy.key}"
+
+
+Entry = tuple[SplitRow, Copy | None]  # a split row, and which copy of it (None: the original)
+
+
+def wanted_entries(rows: list[SplitRow], copies: list[Copy]) -> list[Entry]:
+    """Every row's original, and the copies of training rows only."""
+    return [(row, copy) for row in rows for copy in [None, *(copies if row["split"] == "train" else [])]]
+
+
+def missing_jobs(entries: list[Entry], cache: FeatureCache) -> list[Job]:
+    missing: dict[str, dict] = {}
+    for row, copy in entries:
+        key = entry_key(row["sha256"], copy)
+        if key not in cache:
+            # the same content under two names is decoded once
+            job = missing.setdefault(row["sha256"], {"path": row["path"], "entries": {}})
+            job["entries"][key] = copy
+    return [Job(sha, job["path"], tuple(job["entries"].items())) for sha, job in missing.items()]
+
+
+def batches_of(jobs: list[Job], size: int) -> Iterator[list[Job]]:
+    """Jobs grouped so that each group has about `size` entries to extract."""
+    batch, entries = [], 0
+    for job in jobs:
+        batch.append(job)
+        entries += len(job.entries)
+        if entries >= size:
+            yield batch
+            batch, entries = [], 0
+    if batch:
+        yield batch
+
+
+def extract_batch(
+    jobs: list[Job], size: int, crop_and_scale: str, runner: Runner, cache: FeatureCache
+) -> list[dict]:
+    """Decode, augment, run the backbone on one batch and cache the features: a
+    worker thread's whole task. Returns the images that failed to decode."""
+    keys, pixels, failed = [], [], []
+    for job in jobs:
+        try:
+            image = to_square(load_rgb(job.path, min_side=size), size, crop_and_scale)
+        except Exception as error:  # a file that passed split's checks but does not decode now
+            failed.append({"path": job.path, "reason": f"cannot decode ({error})"})
+            continue
+        for key, copy in job.entries:
+            keys.append(key)
+            pixels.append(image if copy is None else augmented(image, job.sha256, copy))
+    if pixels:
+        cache.put(dict(zip(keys, runner(np.stack(pixels)), strict=True)))
+    return failed
+
+
+def in_order(pool: ThreadPoolExecutor, task: Callable, items: Iterable, ahead: int) -> Iterator:
+    """pool.map that submits at most `ahead` items beyond the one being waited for."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.submit(task, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def worker_count(setting: str | int) -> int:
+    return min(os.cpu_count() or 1, MAX_WORKERS) if setting == "auto" else int(setting)
+
+
+def fill_cache(entries: list[Entry], cfg: DictConfig, cache: FeatureCache) -> list[dict]:
+    """Extract the features not cached yet; returns the images that failed to decode.
+
+    Each worker thread decodes a batch and runs the backbone on it, single-threaded
+    on a CPU: on 2 cores that beats one decoder thread feeding a backbone that uses
+    both (bench/extract.py), because no core waits for the other mid-batch.
+    """
+    jobs = missing_jobs(entries, cache)
+    if not jobs:
+        log.info("all %d feature vectors were cached", len(entries))
+        return []
+    workers = worker_count(cfg.extract.workers)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    runtime, runner = open_runner(cfg.extractor, cfg.extract.runtime, cache.onnx_backbone, threads)
+    task = partial(
+        extract_batch,
+        size=cfg.extractor.input_size,
+        crop_and_scale=cfg.extract.crop_and_scale,
+        runner=runner,
+        cache=cache,
+    )
+    total, failed, started = sum(len(job.entries) for job in jobs), [], time.perf_counter()
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=total, unit="img", desc=f"extract ({runtime})", disable=not show_progress()) as bar,
+    ):
+        batches = list(batches_of(jobs, cfg.extract.batch_size))
+        for batch, batch_failed in zip(batches, in_order(pool, task, batches, ahead=workers), strict=True):
+            failed += batch_failed
+            bar.update(sum(len(job.entries) for job in batch))
+    seconds = time.perf_counter() - started
+    log.info(
+        "extracted %d new feature vectors with %s in %.1f s (%.1f img/s)",
+        total,
+        runtime,
+        seconds,
+        total / seconds,
+    )
+    return failed
+
+
+def cached_features(cfg: DictConfig, wanted: list[Entry]) -> tuple[np.ndarray, list[Entry], list[dict], dict]:
+    """Features of the `wanted` entries that decode, extracting those not cached yet:
+    (features, those entries, the images that failed to decode, the extractor's description)."""
+    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
+        failed = fill_cache(wanted, cfg, cache)
+        entries = [(row, copy) for row, copy in wanted if entry_key(row["sha256"], copy) in cache]
+        features = np.stack([cache.get(entry_key(row["sha256"], copy)) for row, copy in entries])
+        return features, entries, failed, {**cache.about, "dim": features.shape[1]}
+
+
+def build_table(cfg: DictConfig, split: Split) -> FeatureTable:
+    """The features of every usable image in `split` and of the training images'
+    copies, with what made them. Copies have the `copy` column set."""
+    copies = planned_copies(cfg.augment)
+    features, entries, failed, extractor = cached_features(cfg, wanted_entries(split["images"], copies))
+    for item in failed:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
+    labels = split["labels"]
+    return FeatureTable(
+        features=features,
+        label_index=np.array([labels.index(row["label"]) for row, _ in entries]),
+        split=np.array([row["split"] for row, _ in entries]),
+        path=np.array([row["path"] for row, _ in entries]),
+        sha256=np.array([row["sha256"] for row, _ in entries]),
+        copy=np.array(["" if copy is None else copy.key for _, copy in entries]),
+        meta=TableMeta(
+            extractor=extractor,
+            labels=labels,
+            split_sha256=split_digest(split),
+            copies=[copy.key for copy in copies],
+            skipped=failed,
+        ),
+    )
+
+
+def features_for(cfg: DictConfig) -> FeatureTable:
+    """The feature table for cfg's extractor, augmentations and the current split.
+
+    The stage's saved table when it matches; otherwise built from the cache,
+    extracting what is missing, so `python -m pipeline.train +extractor=v2`
+    works before any v2 extraction ran.
+    """
+    path, split = Path(cfg.paths.features), load_split(cfg.paths.split)
+    if path.exists():
+        try:
+            table = load_table(path)
+        except DataError as error:  # the stage's output, damaged or from an older version: rebuilt
+            log.warning("%s", error)
+            return build_table(cfg, split)
+        meta = table["meta"]
+        fingerprint = extractor_fingerprint(cfg.extractor, cfg.extract.crop_and_scale)
+        if (
+            meta["extractor"]["fingerprint"] == fingerprint
+            and meta["split_sha256"] == split_digest(split)
+            and meta.get("copies") == [copy.key for copy in planned_copies(cfg.augment)]
+        ):
+            return table
+    log.info("%s does not match this config and split: building it from the cache", path)
+    return build_table(cfg, split)

@@ -1,0 +1,126 @@
+"""The app's model files from a trained head: the Core ML classifier and its ONNX
+twin, backbone and head together, taking a plain RGB image (README "Using the
+model in Xcode", "Using the ONNX model"). The `convert` stage and the Python API's
+`write` both write them here.
+
+The backbone's conversions are cached per extractor (pipeline/model/export.py): a
+run that brings only a new head converts the head and joins it to them.
+"""
+
+import getpass
+import json
+import subprocess
+from pathlib import Path
+
+import onnx
+from omegaconf import DictConfig
+from torch import nn
+
+from pipeline.features.cache import extractor_fingerprint
+from pipeline.model.checkpoint import Checkpoint
+from pipeline.model.export import (
+    BackboneConversions,
+    core_ml_classifier,
+    ct,
+    head_to_core_ml,
+    onnx_classifier,
+)
+
+NO_LICENSE = "No license provided"  # what Create ML writes when the license is left empty
+
+
+def check_extractor(cfg: DictConfig, checkpoint: Checkpoint) -> None:
+    """The head only makes sense on the features it was trained on."""
+    trained_on = checkpoint.extractor
+    if extractor_fingerprint(cfg.extractor, checkpoint.crop_and_scale) != trained_on["fingerprint"]:
+        raise ValueError(
+            f"the head in {cfg.paths.checkpoint} was trained on {trained_on['name']} features "
+            f"({trained_on['fingerprint']}), not on extractor {cfg.extractor.name}'s: train it again"
+        )
+
+
+def made_square(crop_and_scale: str) -> str:
+    """How the input image comes from a photo, in the input's description."""
+    return f"the photo made square as Vision's imageCropAndScaleOption .{crop_and_scale} does"
+
+
+def user_metadata(cfg: DictConfig, checkpoint: Checkpoint) -> dict[str, str]:
+    """What the model says about itself, in both formats."""
+    return {
+        "extractor": cfg.extractor.name,
+        "architecture": cfg.extractor.architecture,
+        "labels": json.dumps(checkpoint.labels, ensure_ascii=False),  # labels may hold commas
+        "trained_at": checkpoint.trained_at,
+        "data_fingerprint": checkpoint.data_fingerprint,
+        # the imageCropAndScaleOption an app must set on its VNCoreMLRequest
+        "crop_and_scale": checkpoint.crop_and_scale,
+    }
+
+
+def to_core_ml(
+    cfg: DictConfig, head: nn.Module, checkpoint: Checkpoint, backbones: BackboneConversions
+) -> ct.models.MLModel:
+    classifier = head_to_core_ml(head, checkpoint.in_features, checkpoint.labels, cfg.model.precision)
+    model = core_ml_classifier(backbones.core_ml(cfg.model.precision), classifier)
+    model.author = cfg.model.author or default_author()
+    model.license = cfg.model.license or NO_LICENSE
+    model.short_description = cfg.model.short_description
+    model.version = str(cfg.model.version)
+    size = cfg.extractor.input_size
+    model.input_description["image"] = f"RGB image, {size}x{size}: {made_square(checkpoint.crop_and_scale)}"
+    model.output_description["classLabel"] = "Most likely label"
+    model.output_description["classLabelProbs"] = "Probability of each label"
+    model.user_defined_metadata.update(user_metadata(cfg, checkpoint))
+    return model
+
+
+def to_onnx(
+    cfg: DictConfig, head: nn.Module, checkpoint: Checkpoint, backbones: BackboneConversions
+) -> onnx.ModelProto:
+    """Same contract as the Core ML model: `image` is (1, 3, S, S) float RGB 0..255."""
+    graph = onnx_classifier(backbones.onnx(), head, checkpoint.in_features)
+    size = cfg.extractor.input_size
+    about = user_metadata(cfg, checkpoint)
+    about["input"] = (
+        f"image: float32 (1, 3, {size}, {size}) RGB 0..255, {made_square(checkpoint.crop_and_scale)}"
+    )
+    for key, value in about.items():
+        graph.metadata_props.add(key=key, value=value)
+    return graph
+
+
+def size_on_disk(path: Path) -> int:
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
+
+
+def default_author() -> str:
+    """Create ML's default author: the user's name (git's user.name here), else the login."""
+    try:
+        name = subprocess.run(
+            ["git", "config", "user.name"], capture_output=True, text=True, check=False, timeout=5
+        ).stdout.strip()
+    except OSError:  # no git
+        name = ""
+    return name or getpass.getuser()
+
+
+def write_model_files(
+    cfg: DictConfig, head: nn.Module, checkpoint: Checkpoint, mlpackage: Path, onnx_path: Path
+) -> tuple[onnx.ModelProto, dict]:
+    """Write both files; returns the ONNX graph and the report of their sizes."""
+    check_extractor(cfg, checkpoint)
+    backbones = BackboneConversions(cfg.paths.feature_cache, cfg.extractor, checkpoint.extractor)
+    mlpackage.parent.mkdir(parents=True, exist_ok=True)
+    to_core_ml(cfg, head, checkpoint, backbones).save(str(mlpackage))
+    graph = to_onnx(cfg, head, checkpoint, backbones)
+    onnx.save(graph, onnx_path)
+    sizes = {
+        "precision": cfg.model.precision,
+        "mlpackage_bytes": size_on_disk(mlpackage),
+        "onnx_bytes": size_on_disk(onnx_path),
+    }
+    return graph, sizes

@@ -1,0 +1,32 @@
+"""The exported ONNX model run as an app runs the Core ML one: decode, make square
+the way its metadata names, classify (README "Using the ONNX model"). `predict` and
+the MLflow model that serves images both use it."""
+
+import json
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnxruntime as ort
+
+from pipeline.data.images import load_rgb, to_square
+
+
+class OnnxClassifier:
+    """The exported model with the preprocessing its metadata states."""
+
+    def __init__(self, model: str | Path):
+        self.session = ort.InferenceSession(str(model), providers=ort.get_available_providers())
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.labels = json.loads(metadata["labels"])
+        self.crop_and_scale = metadata["crop_and_scale"]
+        self.size = self.session.get_inputs()[0].shape[-1]
+
+    def probabilities(self, image: str | Path | BinaryIO) -> np.ndarray:
+        """(labels,) probabilities for an image file, or its bytes as a file object."""
+        pixels = to_square(load_rgb(image, min_side=self.size), self.size, self.crop_and_scale)
+        return self.session.run(None, {"image": pixels.transpose(2, 0, 1)[None].astype(np.float32)})[0][0]
+
+    def top_k(self, image: str | Path | BinaryIO, k: int) -> list[tuple[str, float]]:
+        probabilities = self.probabilities(image)
+        return [(self.labels[i], float(probabilities[i])) for i in np.argsort(-probabilities)[:k]]

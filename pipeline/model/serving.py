@@ -1,0 +1,78 @@
+"""The registered MLflow model: the ONNX twin behind `mlflow models serve`, answering
+an image with its label and probabilities (README "Serving the model", "Using the
+ONNX model"). `convert` logs it; the model's code travels with it."""
+
+import base64
+import io
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, DataType, Map, Schema
+
+from pipeline.model.onnx_model import OnnxClassifier
+
+PACKAGE = Path(__file__).resolve().parent.parent  # pipeline/, logged as the model's code
+# What a fresh environment needs to load and run the model (`--env-manager virtualenv`),
+# pinned to what made it; named, as inferring them would load the model in a subprocess.
+REQUIREMENTS = (
+    "mlflow",
+    "cloudpickle",  # unpickles ImageModel
+    "onnxruntime",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pillow-heif",
+    "opencv-python-headless",
+)
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.binary, "image")]),
+    outputs=Schema(
+        [
+            ColSpec(DataType.string, "label"),
+            ColSpec(DataType.double, "confidence"),
+            ColSpec(Map(DataType.double), "probabilities"),
+        ]
+    ),
+)
+
+
+def image_bytes(value: bytes | bytearray | str) -> bytes:
+    # The scoring server base64-decodes a binary column's JSON strings before predict;
+    # a DataFrame handed to the loaded model in Python may still hold base64 text.
+    return base64.b64decode(value) if isinstance(value, str) else bytes(value)
+
+
+class ImageModel(mlflow.pyfunc.PythonModel):
+    """One row per image in, one row per image out: label, confidence, probabilities."""
+
+    def load_context(self, context):
+        self.classifier = OnnxClassifier(context.artifacts["onnx"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        rows = []
+        for value in model_input["image"]:
+            probabilities = self.classifier.probabilities(io.BytesIO(image_bytes(value)))
+            by_label = dict(zip(self.classifier.labels, map(float, probabilities), strict=True))
+            label = max(by_label, key=by_label.get)
+            rows.append({"label": label, "confidence": by_label[label], "probabilities": by_label})
+        return pd.DataFrame(rows, columns=["label", "confidence", "probabilities"])
+
+
+def log_image_model(onnx_path: str | Path, labels: list[str], registered_model_name: str):
+    """Log and register the ONNX model as an image-serving pyfunc in the active run."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=ImageModel(),
+        artifacts={"onnx": str(onnx_path)},
+        registered_model_name=registered_model_name,
+        # stated, not inferred from an example input, which MLflow would run the model on
+        signature=SIGNATURE,
+        pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
+        # the model unpickles and imports pipeline.model.serving: loadable where the
+        # project is not installed
+        code_paths=[str(PACKAGE)],
+        metadata={"labels": list(labels)},
+    )

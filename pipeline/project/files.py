@@ -1,0 +1,40 @@
+"""Files at fixed paths, written the same way by every stage: atomically, so that
+readers, and a run that was killed, see the old file or the new one, never half of one."""
+
+import csv
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary)` beside `path`, then a rename onto it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """One row per dict; `columns` fixes the header, leaving missing values empty."""
+
+    def write(temporary: Path) -> None:
+        with temporary.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=columns or list(rows[0]), restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
