@@ -16,6 +16,7 @@ from pipeline import convert, evaluate, extract, split, train
 from pipeline.data.images import BACKGROUND, CROP_AND_SCALE, load_rgb, to_square
 from pipeline.data.split_file import load_split
 from pipeline.features.backbone import feature_extractor
+from pipeline.model.export import ct
 from pipeline.project.config import compose_config, output_overrides
 
 LABELS = {"rouge écarlate": (200, 40, 40), "green, leafy": (40, 180, 60), "blue": (40, 60, 200)}
@@ -124,7 +125,7 @@ def test_messy_folder_runs_through_the_whole_pipeline(tmp_path, monkeypatch, exp
     assert used == {str(path) for path in good}
     metrics = json.loads((out / "reports/metrics.json").read_text())
     assert set(metrics["test"]["per_class"]) == set(LABELS)
-    spec = convert.ct.utils.load_spec(str(out / "models/ImageClassifier.mlpackage"))
+    spec = ct.utils.load_spec(str(out / "models/ImageClassifier.mlpackage"))
     assert json.loads(spec.description.metadata.userDefined["labels"]) == sorted(LABELS)
     assert report["warnings"] == []  # every good image is large, distinct and in a full label
     assert checksums(data) == before  # the user's folders are only read

@@ -19,7 +19,6 @@ PACKAGE = Path(__file__).resolve().parent.parent  # pipeline/, logged as the mod
 # pinned to what made it; named, as inferring them would load the model in a subprocess.
 REQUIREMENTS = (
     "mlflow",
-    "cloudpickle",  # unpickles ImageModel
     "onnxruntime",
     "numpy",
     "pandas",
@@ -65,14 +64,17 @@ def log_image_model(onnx_path: str | Path, labels: list[str], registered_model_n
     """Log and register the ONNX model as an image-serving pyfunc in the active run."""
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=ImageModel(),
+        # this file, run where the model loads (MLflow's models from code): nothing pickled
+        python_model=str(Path(__file__).resolve()),
         artifacts={"onnx": str(onnx_path)},
         registered_model_name=registered_model_name,
         # stated, not inferred from an example input, which MLflow would run the model on
         signature=SIGNATURE,
         pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
-        # the model unpickles and imports pipeline.model.serving: loadable where the
-        # project is not installed
+        # the model imports pipeline.model.onnx_model: loadable where the project is not installed
         code_paths=[str(PACKAGE)],
         metadata={"labels": list(labels)},
     )
+
+
+mlflow.models.set_model(ImageModel())  # what MLflow loads from this file
