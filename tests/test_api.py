@@ -2,11 +2,12 @@
 
 import json
 import shutil
+import sys
 
 import coremltools as ct
 import pytest
 import torch
-from conftest import copy_project, make_dataset, write_image
+from conftest import copy_project, make_dataset, run, write_image
 
 from pipeline import DataSource, ImageClassifier, ModelParameters
 from pipeline.data.images import DataError
@@ -103,3 +104,13 @@ def test_bad_input_through_the_api_is_named_or_listed(tmp_path):
     reasons = {skipped.path.rsplit("/", 1)[1]: skipped.reason for skipped in model.skipped}
     assert reasons["stray.png"] == "not inside a label folder"
     assert reasons["notes.jpg"].startswith("not a readable image")
+
+
+@pytest.mark.slow
+def test_example_script_runs_the_readme_flow(demo_project, tmp_path):
+    project = copy_project(demo_project, tmp_path / "project")
+    result = run([sys.executable, "examples/script.py"], project)
+    recorded = json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"]
+    assert f"test accuracy:       {recorded:.3f}" in result.stdout
+    assert (project / "examples/output/FromPython.mlpackage").is_dir()
+    assert (project / "examples/output/FromPython.onnx").is_file()

@@ -4,7 +4,6 @@ the doors users use: dvc repro, python -m pipeline.<stage>, dvc exp run."""
 import csv
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,10 +38,10 @@ def edit_conf(project, old: str, new: str) -> None:
     run([sys.executable, "-m", "pipeline.params"], project)
 
 
-@pytest.fixture(scope="module")
-def project(demo_project, tmp_path_factory):
-    """The demo project after its first `dvc repro`, to change at will."""
-    return copy_project(demo_project, tmp_path_factory.mktemp("changed") / "project")
+@pytest.fixture
+def project(demo_project, tmp_path):
+    """The demo project after its first `dvc repro`, a copy of its own for each test to change."""
+    return copy_project(demo_project, tmp_path / "project")
 
 
 def test_first_repro_runs_every_stage(demo_project):
@@ -124,9 +123,7 @@ def test_extractor_v2_reruns_extract_onward(project):
 
 
 def test_train_plus_extractor_v2_as_typed(project):
-    edit_conf(project, "- extractor: v2", "- extractor: v1")  # v2 comes from the command line
-    for cached in [project / "artifacts/features.npz", *(project / "artifacts/feature_cache").glob("v2-*")]:
-        shutil.rmtree(cached) if cached.is_dir() else cached.unlink()
+    assert not list((project / "artifacts/feature_cache").glob("v2-*"))  # no v2 features yet
     result = run([sys.executable, "-m", "pipeline.train", "+extractor=v2"], project)
     assert "v2" in result.stdout
     _, runs = mlflow_runs(project)
@@ -157,6 +154,8 @@ def walk(node):
 
 
 def test_mlflow_server_compares_runs_across_extractors(project):
+    edit_conf(project, "- extractor: v1", "- extractor: v2")  # a v2 run beside the v1 run
+    run(["dvc", "repro"], project)
     with socket.socket() as probe:  # a free port on loopback
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

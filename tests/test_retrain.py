@@ -1,6 +1,7 @@
 """Scheduled retraining: does nothing when nothing changed, promotes only better
 models, never runs twice at once (README "Retraining on a schedule")."""
 
+import json
 import os
 import random
 import re
@@ -18,9 +19,10 @@ pytestmark = pytest.mark.slow
 RETRAIN = [sys.executable, "-m", "pipeline.retrain"]
 
 
-@pytest.fixture(scope="module")
-def project(demo_project, tmp_path_factory):
-    return copy_project(demo_project, tmp_path_factory.mktemp("retrain") / "project")
+@pytest.fixture
+def project(demo_project, tmp_path):
+    """The demo project after `dvc repro`, a copy of its own for each test."""
+    return copy_project(demo_project, tmp_path / "project")
 
 
 def retrain(project) -> subprocess.CompletedProcess:
@@ -36,6 +38,15 @@ def registry(project):
 
 def champion(client) -> int:
     return int(client.get_model_version_by_alias("ImageClassifier", "champion").version)
+
+
+def promote_current_version(project) -> None:
+    """What a retraining that promoted the project's current model leaves behind."""
+    client, _, versions = registry(project)
+    (version,) = versions
+    accuracy = json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"]
+    client.set_model_version_tag("ImageClassifier", str(version), "retrain.test.accuracy", str(accuracy))
+    client.set_registered_model_alias("ImageClassifier", "champion", str(version))
 
 
 def test_unchanged_data_is_up_to_date_despite_a_stale_lock(project):
@@ -64,6 +75,7 @@ def test_new_images_make_a_new_promoted_version(project):
 
 
 def test_worse_candidate_is_registered_but_not_promoted(project):
+    promote_current_version(project)
     images = sorted((project / "data/demo/train").rglob("*.jpg"))
     labels = [path.parent for path in images]
     random.Random(0).shuffle(labels)  # the same label counts, the labels now meaningless
@@ -85,7 +97,8 @@ def test_overlapping_runs_one_runs_one_exits_locked(project):
     config.write_text(config.read_text().replace("learning_rate: 0.001", "learning_rate: 0.002"))
     first = subprocess.Popen(RETRAIN, cwd=project, env=project_env(), stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while (project / ".retrain.lock").read_text().strip() != str(first.pid):  # it holds the lock
+    lock = project / ".retrain.lock"
+    while not lock.exists() or lock.read_text().strip() != str(first.pid):  # until it holds the lock
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.2)
     second = retrain(project)
