@@ -39,6 +39,7 @@ from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from pipeline.model.model_files import write_model_files
 from pipeline.model.training import EpochCurve, checkpoint_for, fit_head
 from pipeline.project.config import compose_config, progress_bars
+from pipeline.project.settings import check_settings
 
 __all__ = ["ClassifierMetrics", "DataSource", "ImageClassifier", "ModelParameters"]
 
@@ -124,7 +125,10 @@ class ModelParameters:
         return [f"{key}={value}" for key, value in ordered if value is not None]
 
     def config(self) -> DictConfig:
-        return compose_config(*self.overrides())
+        """conf/ with these parameters; SettingError naming each one that cannot be used."""
+        cfg = compose_config(*self.overrides())
+        check_settings(cfg)
+        return cfg
 
 
 AUGMENTATION_KINDS = {"noise", "blur", "crop", "exposure", "flip", "rotate"}

@@ -12,7 +12,8 @@ from pipeline.evaluation.metrics import evaluate, mlflow_metrics, too_few_to_jud
 from pipeline.evaluation.plots import plot_confusion, plot_curves
 from pipeline.features.extraction import features_for
 from pipeline.features.table import originals
-from pipeline.model.checkpoint import load_checkpoint
+from pipeline.model.checkpoint import Checkpoint, load_checkpoint
+from pipeline.model.head import ClassifierHead
 from pipeline.project import tracking
 from pipeline.project.config import stage_entry
 from pipeline.project.files import write_csv, write_json, write_text
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> None:
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
+    with tracking.resumed_run(cfg, checkpoint.mlflow_run_id):  # FAILED if evaluating fails
+        report_and_log(cfg, head, checkpoint)
+
+
+def report_and_log(cfg: DictConfig, head: ClassifierHead, checkpoint: Checkpoint) -> None:
+    """Metrics, predictions, plots and the report page, written and logged to the active run."""
     metrics, rows = evaluate(head, originals(features_for(cfg)))
     write_json(cfg.paths.metrics, metrics)
     write_csv(cfg.paths.predictions, rows)
@@ -41,11 +48,10 @@ def run(cfg: DictConfig) -> None:
         log.warning("%s", warning)
     page = report.render(metrics, misclassified, warnings, plots, f"{cfg.model.name}: evaluation")
     write_text(cfg.paths.report, page)
-    with tracking.resumed_run(cfg, checkpoint.mlflow_run_id):
-        mlflow.log_metrics(mlflow_metrics(metrics))
-        for path in (cfg.paths.metrics, cfg.paths.predictions, cfg.paths.misclassified, cfg.paths.report):
-            mlflow.log_artifact(path)
-        mlflow.log_artifacts(str(plots), "plots")
+    mlflow.log_metrics(mlflow_metrics(metrics))
+    for path in (cfg.paths.metrics, cfg.paths.predictions, cfg.paths.misclassified, cfg.paths.report):
+        mlflow.log_artifact(path)
+    mlflow.log_artifacts(str(plots), "plots")
     log.info("accuracy: %s", ", ".join(f"{split} {m['accuracy']:.3f}" for split, m in metrics.items()))
     log.info("report: %s", cfg.paths.report)
 

@@ -33,13 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--model", type=Path, default=None, help="ONNX model (default: the pipeline's)")
     args = parser.parse_args(argv)
+    if any(not argument.strip() for argument in args.images):
+        print("error: an empty image argument (it would mean the whole current folder)", file=sys.stderr)
+        return 2
+    files = image_files(args.images)
+    if not files:
+        print(f"error: no image files in {', '.join(args.images)}", file=sys.stderr)
+        return 2
     model = args.model or default_model()
     if not model.is_file():
         print(f"error: no model at {model}: run `dvc repro` first", file=sys.stderr)
         return 2
     classifier = OnnxClassifier(model)
     results, failed = [], 0
-    for path in image_files(args.images):
+    for path in files:
         try:
             results.append({"path": str(path), "top_k": classifier.top_k(path, args.top_k)})
         except Exception as error:  # one unreadable file must not hide the others' answers

@@ -48,8 +48,22 @@ def exclusive_lock(path: Path):
             fcntl.flock(file, fcntl.LOCK_UN)
 
 
+class DvcBusy(Exception):
+    """Another DVC command (a `dvc repro` started by hand) holds the project's lock."""
+
+
+def dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    """A DVC command; DvcBusy when another one holds the project's lock."""
+    result = subprocess.run(["dvc", *args], cwd=root, capture_output=capture, text=True)
+    if result.returncode != 0 and "Unable to acquire lock" in f"{result.stdout}{result.stderr}":
+        raise DvcBusy(f"another DVC command is running in {root}")
+    return result
+
+
 def pipeline_is_up_to_date(root: Path) -> bool:
-    status = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    status = dvc(root, "status", "--json")
+    if status.returncode != 0:
+        raise RuntimeError(f"dvc status failed: {status.stderr.strip().splitlines()[-1:]}")
     return json.loads(status.stdout or "{}") == {}
 
 
@@ -75,20 +89,46 @@ def decide(candidate: float, champion: float | None, margin: float) -> tuple[boo
     return False, f"{candidate:.4f} does not beat the champion's {champion:.4f} by {margin}"
 
 
-def promote_or_keep(cfg: DictConfig, metrics: dict) -> int:
+def latest_version(client: mlflow.MlflowClient, name: str) -> int:
+    """The newest registered version of model `name`; 0 when there is none."""
+    return max((int(v.version) for v in client.search_model_versions(f"name='{name}'")), default=0)
+
+
+def champion_score(client: mlflow.MlflowClient, name: str, metric: str) -> tuple[object | None, float | None]:
+    """The champion version and its recorded metric; (None, None) when there is no
+    champion, and (champion, None) when it has no score to compare with."""
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None, None
+    recorded = champion.tags.get(f"retrain.{metric}")
+    if recorded is None:
+        log.warning(
+            "champion %s version %s has no retrain.%s tag: no comparable champion",
+            name,
+            champion.version,
+            metric,
+        )
+        return champion, None
+    return champion, float(recorded)
+
+
+def promote_or_keep(cfg: DictConfig, metrics: dict, registered_before: int) -> int:
     """Compare the version this run registered with the champion; record why."""
     _, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     client = mlflow.MlflowClient()
     run = client.get_run(checkpoint.mlflow_run_id)
-    name, version = cfg.model.name, run.data.tags["model_version"]
+    name, version = cfg.model.name, run.data.tags.get("model_version", "0")
+    if int(version) <= registered_before:  # e.g. only `evaluate` reran: the model is the one before
+        log.info("no new model version: this run registered none; the champion stays")
+        return KEPT
     metric = chosen_metric(cfg.retrain.metric, metrics)
     candidate = metric_value(metrics, metric)
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-        champion_value = float(champion.tags[f"retrain.{metric}"])
-    except mlflow.exceptions.MlflowException:
-        champion, champion_value = None, None
+    champion, champion_value = champion_score(client, name, metric)
     promote, why = decide(candidate, champion_value, cfg.retrain.margin)
+    if champion is not None and champion_value is None:
+        untagged = f"version {champion.version} has no retrain.{metric} tag"
+        why = f"no comparable champion ({untagged}): {candidate:.4f}"
     client.set_model_version_tag(name, version, f"retrain.{metric}", str(candidate))
     client.set_model_version_tag(
         name, version, "retrain.decision", ("promoted: " if promote else "kept champion: ") + why
@@ -112,15 +152,20 @@ def retrain(cfg: DictConfig) -> int:
         # conf/ is what a scheduled run trains with (in a process of its own: this
         # one's Hydra is already initialised)
         subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=root, check=True, capture_output=True)
-        if pipeline_is_up_to_date(root):
-            log.info("up to date: no change in images, parameters or code since the last run")
-            return UP_TO_DATE
-        if subprocess.run(["dvc", "repro"], cwd=root).returncode != 0:
-            log.error("failed: dvc repro did not finish; the champion is unchanged")
-            return FAILED
-        tracking.use_store(cfg)
+        try:
+            if pipeline_is_up_to_date(root):
+                log.info("up to date: no change in images, parameters or code since the last run")
+                return UP_TO_DATE
+            tracking.use_store(cfg)
+            registered_before = latest_version(mlflow.MlflowClient(), cfg.model.name)
+            if dvc(root, "repro", capture=False).returncode != 0:
+                log.error("failed: dvc repro did not finish; the champion is unchanged")
+                return FAILED
+        except DvcBusy as busy:
+            log.warning("locked: %s; try again later", busy)
+            return LOCKED
         metrics = json.loads(Path(cfg.paths.metrics).read_text(encoding="utf-8"))
-        return promote_or_keep(cfg, metrics)
+        return promote_or_keep(cfg, metrics, registered_before)
 
 
 def run(cfg: DictConfig) -> None:

@@ -19,15 +19,14 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> None:
     table = features_for(cfg)
-    run_id = tracking.start_run(cfg, table["meta"]["split_sha256"])
-    curve = EpochCurve()
-    logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
-    head, strength = fit_head(cfg, table, [curve], logger)
-    write_csv(cfg.paths.curves, curve.rows, CURVE_COLUMNS)
-    with tracking.resumed_run(cfg, run_id):
+    with tracking.new_run(cfg, table["meta"]["split_sha256"]) as run_id:  # FAILED if training fails
+        curve = EpochCurve()
+        logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
+        head, strength = fit_head(cfg, table, [curve], logger)
+        write_csv(cfg.paths.curves, curve.rows, CURVE_COLUMNS)
         mlflow.log_artifact(cfg.paths.curves)
         mlflow.log_param("train.regularization_used", strength)  # the cross-validated choice, for `auto`
-    save_checkpoint(cfg.paths.checkpoint, checkpoint_for(cfg, table, head, strength, run_id))
+        save_checkpoint(cfg.paths.checkpoint, checkpoint_for(cfg, table, head, strength, run_id))
     last = curve.rows[-1]
     log.info(
         "trained %s head for %d epochs: %s (MLflow run %s)",

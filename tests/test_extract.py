@@ -39,7 +39,7 @@ def cache_entries(cfg) -> dict[str, int]:
     with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
         database = cache.dir / "features.sqlite"
     with closing(sqlite3.connect(database)) as db:
-        return dict(db.execute("SELECT key, written_ns FROM features"))
+        return dict(db.execute("SELECT key, written_ns FROM vectors"))
 
 
 def overrides_for(tmp_path: Path, *extra: str) -> list[str]:

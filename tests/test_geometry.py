@@ -65,7 +65,7 @@ def test_unknown_option_stops_a_stage_with_one_line(tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2
-    assert "extract.crop_and_scale must be one of scaleFill, centerCrop, scaleFit, not 'stretch'" in output
+    assert "extract.crop_and_scale = 'stretch': expected one of scaleFill, centerCrop, scaleFit" in output
     assert "Traceback" not in output
 
 

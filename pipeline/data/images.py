@@ -2,6 +2,7 @@
 the exported models agree on (README "Bring your own images")."""
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -71,19 +72,40 @@ def check_image(path: Path, max_pixels: int, decode: bool) -> tuple[int, int]:
     return width, height
 
 
+def valid_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8 (surrogate escapes)
+        return False
+    return True
+
+
+def printable(path: Path) -> str:
+    """`path` with bytes that are not UTF-8 shown as \\xNN, to name it in reports."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def files_in_label_folders(root: Path) -> tuple[list[tuple[Path, str]], list[Skipped]]:
     """(path, label) of every file under `root/<label>/...`; hidden files and files
     outside a label folder are skipped."""
     found, skipped = [], []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
-        if any(is_hidden(Path(part)) for part in relative.parts):
+        if not valid_utf8(str(path)):  # JSON, DVC and MLflow cannot hold such a name
+            skipped.append(Skipped(printable(path), "file name is not valid UTF-8: rename it"))
+        elif any(is_hidden(Path(part)) for part in relative.parts):
             skipped.append(Skipped(str(path), "hidden file"))
         elif len(relative.parts) == 1:
             skipped.append(Skipped(str(path), "not inside a label folder"))
         else:
             found.append((path, relative.parts[0]))
     return found, skipped
+
+
+def follow_pixel_limit(max_pixels: int) -> None:
+    """Make Pillow's decompression-bomb limit data.max_image_pixels: Pillow refuses
+    images over twice its own limit, whatever the setting allowed."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def check_labelled(
@@ -95,6 +117,7 @@ def check_labelled(
     Images whose content hash is in `verified` were fully decoded by an earlier
     run, so only their header is read again.
     """
+    follow_pixel_limit(max_pixels)
     images, skipped = [], []
     for path, label in files:
         content = Path(path).read_bytes()

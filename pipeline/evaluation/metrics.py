@@ -2,6 +2,7 @@
 head and a feature table (README "The stages"): what `evaluate` writes to
 reports/metrics.json and what the Python API's `evaluation` returns."""
 
+import hashlib
 import re
 
 import numpy as np
@@ -81,9 +82,18 @@ def evaluate(head: torch.nn.Module, table: FeatureTable) -> tuple[dict, list[dic
     return metrics, rows
 
 
-def mlflow_metric_name(name: str) -> str:
-    """MLflow takes letters, digits and `_-. :/` in names; labels may hold anything."""
-    return re.sub(r"[^\w\-. :/]", "_", name)
+MAX_METRIC_NAME = 250  # MLflow refuses longer metric names
+
+
+def mlflow_metric_name(split: str, label: str, metric: str) -> str:
+    """`<split>_<label>_<metric>`. MLflow takes letters, digits and `_-. :/` in names,
+    at most 250 of them; labels may hold anything, up to 255 bytes. A label too long
+    keeps its start and gets a hash of the whole, so two long labels stay two metrics."""
+    label = re.sub(r"[^\w\-. :/]", "_", label)
+    room = MAX_METRIC_NAME - len(split) - len(metric) - 2
+    if len(label) > room:
+        label = f"{label[: room - 13]}~{hashlib.sha256(label.encode()).hexdigest()[:12]}"
+    return f"{split}_{label}_{metric}"
 
 
 def mlflow_metrics(metrics: dict) -> dict[str, float]:
@@ -93,5 +103,5 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
         flat[f"{split}_accuracy"] = values["accuracy"]
         for label, scores in values.get("per_class", {}).items():
             for name in ("precision", "recall", "f1"):
-                flat[mlflow_metric_name(f"{split}_{label}_{name}")] = scores[name]
+                flat[mlflow_metric_name(split, label, name)] = scores[name]
     return flat

@@ -13,6 +13,8 @@ from importlib.metadata import version
 import numpy as np
 from omegaconf import DictConfig
 
+from pipeline.data.images import SettingError
+
 BORDER_REFLECT_101 = 4  # cv2's: rotated corners mirror the image rather than going black
 
 # augmentation -> the albumentations pipelines its copies take in turn, each a
@@ -43,12 +45,13 @@ def planned_copies(augment: DictConfig) -> list[Copy]:
     """The copies `augment` asks for, of every training image."""
     unknown = set(augment) - set(AUGMENTATIONS) - {"seed"}
     if unknown:
-        raise ValueError(f"unknown augmentation {sorted(unknown)}: known are {sorted(AUGMENTATIONS)}")
+        known = ", ".join(AUGMENTATIONS)
+        raise SettingError(f"augment.{sorted(unknown)[0]}: unknown augmentation, known are {known}")
     copies = []
     for name in AUGMENTATIONS:
         count = int(augment.get(name, 0))
         if count < 0:
-            raise ValueError(f"augment.{name} is a number of copies, not {count}")
+            raise SettingError(f"augment.{name} is a number of copies, not {count}")
         for number in range(count):
             recipe = {
                 "steps": recipe_of(name, number),

@@ -8,6 +8,8 @@ only work. Batches are decoded and extracted on a pool of worker threads, a
 bounded number ahead of the cache writes, so memory does not grow with the dataset.
 """
 
+import hashlib
+import io
 import logging
 import os
 import time
@@ -22,10 +24,10 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pipeline.data.images import DataError, load_rgb, to_square
+from pipeline.data.images import DataError, follow_pixel_limit, load_rgb, to_square
 from pipeline.data.split_file import Split, SplitRow, load_split, split_digest
 from pipeline.features.augment import Copy, augmented, planned_copies
-from pipeline.features.cache import FeatureCache, extractor_fingerprint
+from pipeline.features.cache import DamagedEntry, FeatureCache, extractor_fingerprint
 from pipeline.features.runtime import Runner, open_runner
 from pipeline.features.table import FeatureTable, TableMeta, load_table
 from pipeline.project.config import show_progress
@@ -33,6 +35,7 @@ from pipeline.project.config import show_progress
 log = logging.getLogger(__name__)
 
 MAX_WORKERS = 8  # each holds a batch of pixels and its activations
+STALE = "rerun split (dvc repro)"  # the end of a reason that makes the split itself out of date
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,24 @@ def extract_batch(
     jobs: list[Job], size: int, crop_and_scale: str, runner: Runner, cache: FeatureCache
 ) -> list[dict]:
     """Decode, augment, run the backbone on one batch and cache the features: a
-    worker thread's whole task. Returns the images that failed to decode."""
+    worker thread's whole task. Returns the images that failed to decode.
+
+    Features are cached under the content hash the split recorded, so the bytes are
+    checked against it first: an image replaced since `split` would otherwise store
+    its new pixels' features under the old content's hash, for good.
+    """
     keys, pixels, failed = [], [], []
     for job in jobs:
         try:
-            image = to_square(load_rgb(job.path, min_side=size), size, crop_and_scale)
+            content = Path(job.path).read_bytes()
+        except OSError as error:  # deleted or unreadable since split
+            failed.append({"path": job.path, "reason": f"cannot read ({error.strerror}): {STALE}"})
+            continue
+        if hashlib.sha256(content).hexdigest() != job.sha256:
+            failed.append({"path": job.path, "reason": f"changed since split: {STALE}"})
+            continue
+        try:
+            image = to_square(load_rgb(io.BytesIO(content), min_side=size), size, crop_and_scale)
         except Exception as error:  # a file that passed split's checks but does not decode now
             failed.append({"path": job.path, "reason": f"cannot decode ({error})"})
             continue
@@ -123,6 +139,7 @@ def fill_cache(entries: list[Entry], cfg: DictConfig, cache: FeatureCache) -> li
     both (bench/extract.py), because no core waits for the other mid-batch.
     """
     jobs = missing_jobs(entries, cache)
+    follow_pixel_limit(cfg.data.max_image_pixels)  # decode what split let through
     if not jobs:
         log.info("all %d feature vectors were cached", len(entries))
         return []
@@ -161,9 +178,27 @@ def cached_features(cfg: DictConfig, wanted: list[Entry]) -> tuple[np.ndarray, l
     (features, those entries, the images that failed to decode, the extractor's description)."""
     with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
         failed = fill_cache(wanted, cfg, cache)
+        stale = [item for item in failed if item["reason"].endswith(STALE)]
+        if stale:  # training on what is left would drop images the split promised
+            more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+            raise DataError(f"{stale[0]['path']}: {stale[0]['reason']}{more}")
+        damaged = [key for key in (entry_key(row["sha256"], copy) for row, copy in wanted) if key in cache]
+        damaged = [key for key in damaged if not readable(cache, key)]
+        if damaged:
+            log.warning("%d damaged entries in %s: extracting them again", len(damaged), cache.dir)
+            cache.drop(damaged)
+            failed = fill_cache(wanted, cfg, cache)  # tries the failed ones again too
         entries = [(row, copy) for row, copy in wanted if entry_key(row["sha256"], copy) in cache]
         features = np.stack([cache.get(entry_key(row["sha256"], copy)) for row, copy in entries])
         return features, entries, failed, {**cache.about, "dim": features.shape[1]}
+
+
+def readable(cache: FeatureCache, key: str) -> bool:
+    try:
+        cache.get(key)
+    except DamagedEntry:
+        return False
+    return True
 
 
 def build_table(cfg: DictConfig, split: Split) -> FeatureTable:

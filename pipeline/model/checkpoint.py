@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.images import DataError
 from pipeline.model.head import ClassifierHead
 from pipeline.project.files import write_atomically
 
@@ -45,5 +46,13 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
 
 
 def load_checkpoint(path: str | Path) -> tuple[ClassifierHead, Checkpoint]:
-    checkpoint = Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
-    return checkpoint.build_head(), checkpoint
+    """The head and its description; a DataError naming the file when it is missing,
+    damaged or not a checkpoint of this pipeline."""
+    try:
+        checkpoint = Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
+        return checkpoint.build_head(), checkpoint
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: run the train stage first (dvc repro)") from None
+    except Exception as error:  # torch, pickle and zipfile raise many types for a damaged file
+        reason = type(error).__name__ + (f": {str(error).splitlines()[0][:120]}" if str(error) else "")
+        raise DataError(f"{path} is damaged ({reason}): delete it and run dvc repro") from None

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from pipeline.data.images import DataError, SettingError
+from pipeline.project.settings import check_settings
 
 log = logging.getLogger("pipeline")
 
@@ -68,8 +69,9 @@ def stage_entry(task: Callable[[DictConfig], None]) -> Callable[[], None]:
 
     def task_or_exit(cfg: DictConfig) -> None:
         try:
+            check_settings(cfg)
             task(cfg)
-        except (DataError, SettingError) as error:  # the user's data or settings: one line, no traceback
+        except (DataError, SettingError) as error:  # the user's data or settings: one line each, no traceback
             log.error("%s", error)
             sys.exit(2)
 

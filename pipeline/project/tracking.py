@@ -1,18 +1,45 @@
 """MLflow: one run per trained model, which evaluate and convert add to
-(README "Experiments and comparing runs")."""
+(README "Experiments and comparing runs").
+
+A run is open while a stage works in it, so a stage that fails leaves it FAILED
+(MLflow's own context manager), and one that was killed leaves it RUNNING with the
+process id of its stage, which the next stage that starts marks KILLED: no broken
+run is ever shown FINISHED.
+"""
 
 import os
+import socket
 import subprocess
 from contextlib import contextmanager
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.data.images import SettingError
+
+# MLflow retries an unreachable server 7 times with backoff (4.6 minutes here before a
+# traceback); a stage should say in seconds that the server does not answer. The
+# user's own settings of these variables win.
+HTTP_PATIENCE = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+
 
 def use_store(cfg: DictConfig) -> None:
-    """The local SQLite store by default; MLFLOW_TRACKING_URI, when set, wins."""
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri)
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    """The local SQLite store by default; MLFLOW_TRACKING_URI, when set, wins.
+    SettingError naming the store when it does not answer."""
+    for name, value in HTTP_PATIENCE.items():
+        os.environ.setdefault(name, value)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(cfg.mlflow.experiment)
+    except Exception as error:  # requests and MLflow raise many types for a store that is not there
+        where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
+        reason = str(error).splitlines()[0][:200]
+        raise SettingError(f"the MLflow store {uri} ({where}) does not answer: {reason}") from None
 
 
 def git_commit() -> str:
@@ -37,10 +64,39 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
     return params
 
 
-def start_run(cfg: DictConfig, data_fingerprint: str) -> str:
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def mark_killed_runs(experiment_id: str) -> None:
+    """Runs left RUNNING by a stage process on this machine that is gone: KILLED."""
+    client = mlflow.MlflowClient()
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("pipeline.host") == socket.gethostname() and not process_alive(int(tags["pipeline.pid"])):
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def claim() -> None:
+    """This process works in the run now: whoever finds it RUNNING and this process
+    gone knows the stage was killed."""
+    mlflow.set_tags({"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())})
+
+
+@contextmanager
+def new_run(cfg: DictConfig, data_fingerprint: str):
+    """A run for the model `train` is about to make; yields its id."""
     use_store(cfg)
+    mark_killed_runs(mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id)
     name = f"{cfg.extractor.name}-{cfg.head.type}-{cfg.extract.crop_and_scale}"
     with mlflow.start_run(run_name=name) as run:
+        claim()
         mlflow.log_params(flat_params(cfg))
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
         mlflow.set_tags(
@@ -50,12 +106,14 @@ def start_run(cfg: DictConfig, data_fingerprint: str) -> str:
                 "extractor": cfg.extractor.name,
             }
         )
-        return run.info.run_id
+        yield run.info.run_id
 
 
 @contextmanager
 def resumed_run(cfg: DictConfig, run_id: str):
     """Continue the training run (evaluate and convert belong to the model it made)."""
     use_store(cfg)
+    mark_killed_runs(mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id)
     with mlflow.start_run(run_id=run_id) as run:
+        claim()
         yield run

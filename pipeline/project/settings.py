@@ -1,0 +1,105 @@
+"""Every setting checked once, before a stage or the Python API does any work
+(README "Parameters"): one line per bad value, naming the setting, what it holds
+and what it may hold. Without these checks a zero learning rate or an empty hidden
+layer trained a model at chance level and reported success, and a model name with
+`../` wrote the model files outside the project."""
+
+import re
+from collections.abc import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.data.images import CROP_AND_SCALE, SettingError
+
+Check = Callable[[object], bool]
+
+
+def integer(minimum: int) -> tuple[Check, str]:
+    def check(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    return check, f"a whole number >= {minimum}"
+
+
+def number(minimum: float, above: bool = False) -> tuple[Check, str]:
+    def check(value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        return value > minimum if above else value >= minimum
+
+    return check, f"a number {'>' if above else '>='} {minimum}"
+
+
+def one_of(*choices) -> tuple[Check, str]:
+    return lambda v: v in choices, "one of " + ", ".join(map(str, choices))
+
+
+def auto_or(check: tuple[Check, str]) -> tuple[Check, str]:
+    return lambda v: v == "auto" or check[0](v), f"auto or {check[1]}"
+
+
+def boolean() -> tuple[Check, str]:
+    return lambda v: isinstance(v, bool), "true or false"
+
+
+def fraction_below_one() -> tuple[Check, str]:
+    return lambda v: number(0)[0](v) and v < 1, "a fraction in [0, 1)"
+
+
+def layer_sizes() -> tuple[Check, str]:
+    return lambda v: isinstance(v, list) and all(integer(1)[0](n) for n in v), "a list of layer sizes >= 1"
+
+
+# Xcode turns the model's file name into a Swift class: it must be an identifier,
+# which also keeps it from naming a path (`../x`).
+SWIFT_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+RULES: dict[str, tuple[Check, str]] = {
+    "data.max_image_pixels": integer(1),
+    "split.validation": auto_or(fraction_below_one()),
+    "split.seed": integer(0),
+    "extract.crop_and_scale": one_of(*CROP_AND_SCALE),
+    "extract.runtime": one_of("auto", "onnxruntime", "torch"),
+    "extract.batch_size": integer(1),
+    "extract.workers": auto_or(integer(1)),
+    "head.type": one_of("logistic", "mlp"),
+    "head.hidden_sizes": layer_sizes(),
+    "head.dropout": fraction_below_one(),
+    "train.max_iterations": integer(1),
+    "train.regularization": auto_or(number(0)),
+    "train.cv_folds": integer(2),
+    "train.batch_size": integer(1),
+    "train.learning_rate": number(0, above=True),
+    "train.class_weighting": boolean(),
+    "train.early_stopping_patience": integer(0),
+    "train.seed": integer(0),
+    "evaluate.min_images_to_judge": integer(0),
+    "model.name": (lambda v: isinstance(v, str) and bool(SWIFT_IDENTIFIER.match(v)), "a Swift identifier"),
+    "model.precision": one_of("float32", "float16", "int8"),
+    "retrain.margin": number(0),
+}
+
+
+def problems(cfg: DictConfig) -> list[str]:
+    """One line per setting whose value the pipeline cannot use; none when all is well."""
+    found = []
+    for key, (check, expected) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and key.split(".")[0] not in cfg:
+            continue  # a section this config does not have
+        if OmegaConf.is_list(value):
+            value = OmegaConf.to_container(value)
+        if not check(value):
+            found.append(f"{key} = {value!r}: expected {expected}")
+    # copies per kind; which kinds exist is pipeline/features/augment.py's to say
+    for kind, count in cfg.get("augment", {}).items():
+        if not integer(0)[0](count):
+            found.append(f"augment.{kind} = {count!r}: expected a whole number >= 0")
+    return found
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """SettingError listing every bad setting, one per line."""
+    found = problems(cfg)
+    if found:
+        raise SettingError("\n".join(found))

@@ -1,0 +1,372 @@
+"""Faults and hostile input (README "Bring your own images", "Parameters", "Retraining
+on a schedule"): each case ends in one line naming the file or setting, the exit code
+the README gives, nothing the user had lost or changed, and nothing silently wrong."""
+
+import fcntl
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import REPO, copy_project, make_dataset, project_env, run, with_exported_v1, write_image
+from PIL import Image, ImageOps
+
+from pipeline import extract, split
+from pipeline.data.images import DataError
+from pipeline.evaluation.metrics import mlflow_metric_name
+from pipeline.features.cache import FeatureCache
+from pipeline.features.table import load_table
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.project import tracking
+from pipeline.project.config import compose_config, output_overrides
+from pipeline.project.settings import problems
+
+BAD_SETTINGS = {  # each once accepted: a useless model, a crash late, or files outside the project
+    "train.learning_rate=0": "train.learning_rate = 0: expected a number > 0",
+    "head.hidden_sizes=[0]": "head.hidden_sizes = [0]: expected a list of layer sizes >= 1",
+    "train.max_iterations=0": "train.max_iterations = 0: expected a whole number >= 1",
+    "model.name=../../x": "model.name = '../../x': expected a Swift identifier",
+    "extract.workers=0": "extract.workers = 0: expected auto or a whole number >= 1",
+    "extract.batch_size=-1": "extract.batch_size = -1: expected a whole number >= 1",
+    "model.precision=int4": "model.precision = 'int4': expected one of float32, float16, int8",
+    "augment.flip=-1": "augment.flip = -1: expected a whole number >= 0",
+}
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_SETTINGS.items())
+def test_each_bad_setting_is_named(override, message):
+    assert problems(compose_config(override)) == [message]
+
+
+def test_conf_defaults_are_all_valid():
+    assert problems(compose_config()) == []
+
+
+def test_bad_settings_stop_a_stage_with_one_line_each_and_write_nothing(tmp_path):
+    before = sorted(p.name for p in tmp_path.parent.iterdir())
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.convert", *output_overrides(tmp_path / "out"), *BAD_SETTINGS],
+        cwd=REPO,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "Traceback" not in output
+    for message in BAD_SETTINGS.values():
+        assert message in output
+    assert not (tmp_path / "out").exists()  # nothing written, here or beside it
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == before
+
+
+@pytest.fixture
+def extracted(tmp_path, exported_v1):
+    """A small project after split and extract: its config."""
+    make_dataset(tmp_path / "data/train", per_label=6)
+    cfg = compose_config(
+        *output_overrides(tmp_path / "out"),
+        f"data.train_dir={tmp_path / 'data/train'}",
+        "data.test_dir=null",
+        "augment.flip=0",
+    )
+    with_exported_v1(cfg, exported_v1)
+    split.run(cfg)
+    extract.run(cfg)
+    return cfg
+
+
+def empty_cache(cfg) -> None:
+    """The feature cache's vectors deleted (its exported backbone kept): all is extracted again."""
+    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
+        folder = cache.dir
+    for database in folder.glob("features.sqlite*"):
+        database.unlink()
+
+
+def test_image_replaced_after_split_is_not_cached_under_the_old_hash(extracted, tmp_path):
+    cfg = extracted
+    original = tmp_path / "data/train/red/red_0.png"
+    kept = original.read_bytes()
+    clean = load_table(cfg.paths.features)
+    empty_cache(cfg)
+    ImageOps.mirror(Image.open(original)).save(original)  # new pixels, same name, after split
+    with pytest.raises(DataError, match=f"{original}: changed since split: rerun split"):
+        extract.run(cfg)
+    original.write_bytes(kept)  # put back: the features must be the original's, not the mirror's
+    extract.run(cfg)
+    assert np.abs(load_table(cfg.paths.features)["features"] - clean["features"]).max() < 1e-5
+
+
+def test_overwritten_cache_bytes_are_found_and_extracted_again(extracted, caplog):
+    cfg = extracted
+    clean = load_table(cfg.paths.features)
+    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
+        database = cache.dir / "features.sqlite"
+    with sqlite3.connect(database) as db:  # the SQLite file stays valid; one vector's bytes do not
+        key, vector = db.execute("SELECT key, vector FROM vectors LIMIT 1").fetchone()
+        damaged = np.frombuffer(vector, np.float32).copy()
+        damaged[:8] = np.inf
+        db.execute("UPDATE vectors SET vector = ? WHERE key = ?", (damaged.tobytes(), key))
+    extract.run(cfg)
+    assert "1 damaged entries" in caplog.text
+    assert np.abs(load_table(cfg.paths.features)["features"] - clean["features"]).max() < 1e-5
+
+
+def test_a_cache_file_that_is_not_sqlite_is_set_aside_and_rebuilt(extracted, caplog):
+    cfg = extracted
+    clean = load_table(cfg.paths.features)
+    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
+        database = cache.dir / "features.sqlite"
+    for sidecar in ("features.sqlite-wal", "features.sqlite-shm"):
+        (database.parent / sidecar).unlink(missing_ok=True)
+    database.write_bytes(b"this is not a database" * 100)
+    extract.run(cfg)
+    assert f"feature cache {database} is damaged" in caplog.text
+    assert list(database.parent.glob("features.sqlite.damaged-*"))  # kept for a look, not deleted
+    assert np.abs(load_table(cfg.paths.features)["features"] - clean["features"]).max() < 1e-5
+
+
+def test_damaged_feature_table_names_the_file(extracted):
+    cfg = extracted
+    features = cfg.paths.features
+    with open(features, "r+b") as file:
+        file.truncate(100)
+    with pytest.raises(DataError, match=f"{features} is damaged .*: delete it and run dvc repro"):
+        load_table(features)
+
+
+def test_unanswering_tracking_server_fails_the_stage_in_seconds(extracted, tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**project_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    overrides = [*output_overrides(tmp_path / "out"), f"data.train_dir={tmp_path / 'data/train'}"]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *overrides, "data.test_dir=null", "augment.flip=0"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert f"the MLflow store http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) does not answer" in output
+    assert "Traceback" not in output
+    assert time.monotonic() - started < 60  # imports included; MLflow alone would retry for minutes
+
+
+def test_runs_of_killed_stages_are_marked_killed(tmp_path):
+    cfg = compose_config(f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    tracking.use_store(cfg)
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+    client = mlflow.MlflowClient()
+    killed = client.create_run(
+        experiment, tags={"pipeline.host": socket.gethostname(), "pipeline.pid": str(gone.pid)}
+    )
+    alive = client.create_run(experiment, tags={"pipeline.host": socket.gethostname(), "pipeline.pid": "1"})
+    tracking.mark_killed_runs(experiment)
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+
+
+RETRAIN = [sys.executable, "-m", "pipeline.retrain"]
+
+
+def registry(project):
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def add_mirrored_images(project) -> None:
+    for label in ("flag", "fruit", "mammal", "vehicle"):
+        for source in sorted((project / "data/demo/train" / label).glob("*.jpg"))[:2]:
+            ImageOps.mirror(Image.open(source)).save(source.with_name(f"mirrored_{source.name}"))
+
+
+@pytest.mark.slow
+def test_retrain_treats_a_champion_without_its_score_as_no_comparable_champion(demo_project, tmp_path):
+    project = copy_project(demo_project, tmp_path / "project")
+    client = registry(project)
+    client.set_registered_model_alias("ImageClassifier", "champion", "1")  # set by hand: no retrain tag
+    add_mirrored_images(project)
+    result = run(RETRAIN, project, check=False)
+    assert result.returncode == 10, result.stdout + result.stderr
+    assert "no comparable champion" in result.stdout + result.stderr
+    assert int(client.get_model_version_by_alias("ImageClassifier", "champion").version) == 2
+
+
+@pytest.mark.slow
+def test_retrain_that_registers_no_new_version_keeps_the_champion(demo_project, tmp_path):
+    project = copy_project(demo_project, tmp_path / "project")
+    client = registry(project)
+    client.set_model_version_tag("ImageClassifier", "1", "retrain.test.accuracy", "0.95")
+    client.set_registered_model_alias("ImageClassifier", "champion", "1")
+    config = project / "conf/config.yaml"  # a change that reruns `evaluate` alone
+    config.write_text(config.read_text().replace("min_images_to_judge: 10", "min_images_to_judge: 12"))
+    result = run(RETRAIN, project, check=False)
+    assert result.returncode == 11, result.stdout + result.stderr
+    assert "this run registered none" in result.stdout + result.stderr
+    assert [int(v.version) for v in client.search_model_versions("name='ImageClassifier'")] == [1]
+
+
+@pytest.mark.slow
+def test_retrain_while_dvc_is_busy_exits_75(demo_project, tmp_path):
+    project = copy_project(demo_project, tmp_path / "project")
+    add_mirrored_images(project)
+    lock = project / ".dvc/tmp/lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a+") as held:  # what a `dvc repro` started by hand holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run(RETRAIN, project, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 75, output
+    assert "another DVC command is running" in output
+    assert "Traceback" not in output
+
+
+def test_a_failed_write_leaves_the_previous_split_whole(extracted, tmp_path, monkeypatch):
+    """A truncated split.json once broke every later run, even after the cause was gone."""
+    cfg = extracted
+    kept = Path(cfg.paths.split).read_bytes()
+    write_image(tmp_path / "data/train/red/late.png", (200, 40, 40), seed=99)
+
+    def no_rename(self, target):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(Path, "replace", no_rename)
+    with pytest.raises(OSError):
+        split.run(cfg)
+    monkeypatch.undo()
+    assert Path(cfg.paths.split).read_bytes() == kept
+    assert not list(Path(cfg.paths.split).parent.glob(".*.tmp"))  # no half-written file left behind
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_named(tmp_path):
+    make_dataset(tmp_path / "data/train", per_label=4)
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old camera or zip tool writes them
+    write_image(tmp_path / "data/train/red" / odd, (200, 40, 40), seed=50)
+    cfg = compose_config(
+        *output_overrides(tmp_path / "out"), f"data.train_dir={tmp_path / 'data/train'}", "data.test_dir=null"
+    )
+    split.run(cfg)
+    report = json.loads(Path(cfg.paths.data_report).read_text(encoding="utf-8"))
+    (skipped,) = report["skipped"]
+    assert skipped == {
+        "path": f"{tmp_path}/data/train/red/caf\\xe9.png",
+        "reason": "file name is not valid UTF-8: rename it",
+    }
+    assert sum(report["images"]["train"].values()) == 12  # the others all used
+
+
+def test_labels_longer_than_mlflow_allows_stay_distinct_metrics():
+    long_a, long_b = "a" * 254 + "1", "a" * 254 + "2"
+    names = {mlflow_metric_name("validation", label, "precision") for label in (long_a, long_b)}
+    assert len(names) == 2
+    assert all(len(name) <= 250 and name.endswith("_precision") for name in names)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"), [([""], "an empty image argument"), (["EMPTY"], "no image files in")]
+)
+def test_predict_without_images_says_so(tmp_path, arguments, message):
+    (tmp_path / "EMPTY").mkdir()
+    arguments = [str(tmp_path / "EMPTY") if a == "EMPTY" else a for a in arguments]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", *arguments, "--model", str(tmp_path / "model.onnx")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+# A stage's usual length on the demo here (seconds), to kill it somewhere inside.
+STAGE_SECONDS = {"split": 2, "extract": 10, "train": 8, "evaluate": 6, "convert": 8}
+
+
+def start_repro_until(project, stage: str) -> subprocess.Popen:
+    """`dvc repro --force` in its own process group, returned once `stage` has started."""
+    repro = subprocess.Popen(
+        ["dvc", "repro", "--force"],
+        cwd=project,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    for line in repro.stdout:
+        if line.startswith(f"Running stage '{stage}'"):
+            return repro
+        assert time.monotonic() < deadline, f"stage {stage} did not start"
+    raise AssertionError(f"dvc repro ended before stage {stage} started")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("stage", list(STAGE_SECONDS))
+def test_sigkill_in_any_stage_then_repro_reaches_the_clean_metrics(demo_project, tmp_path, stage, seed):
+    project = copy_project(demo_project, tmp_path / "project")
+    clean = json.loads((project / "reports/metrics.json").read_text())
+    repro = start_repro_until(project, stage)
+    time.sleep(random.Random(seed).uniform(0, STAGE_SECONDS[stage]))
+    os.killpg(repro.pid, signal.SIGKILL)  # DVC and the stage's process, at once
+    repro.wait(timeout=30)
+
+    result = run(["dvc", "repro"], project, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((project / "reports/metrics.json").read_text()) == clean
+    assert run(["dvc", "status", "--json"], project).stdout.strip() in ("{}", "")
+    client = registry(project)
+    experiment = client.get_experiment_by_name("image-classifier").experiment_id
+    # A run its killed stage left RUNNING is marked KILLED by the next stage that starts
+    # (none may have: DVC can restore outputs from its run cache); never FINISHED.
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    tracking.mark_killed_runs(experiment)
+    assert {r.info.status for r in client.search_runs([experiment])} <= {"FINISHED", "KILLED", "FAILED"}
+    # the run behind the model in place (DVC's run cache may have put back an earlier one)
+    _, checkpoint = load_checkpoint(project / "models/head.ckpt")
+    behind = client.get_run(checkpoint.mlflow_run_id)
+    assert behind.info.status == "FINISHED"
+    assert behind.data.metrics["test_accuracy"] == pytest.approx(clean["test"]["accuracy"])
+
+
+def test_damaged_checkpoint_names_the_file(tmp_path):
+    checkpoint = tmp_path / "head.ckpt"
+    checkpoint.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match=f"{checkpoint} is damaged .*: delete it and run dvc repro"):
+        load_checkpoint(checkpoint)
+
+
+def test_max_image_pixels_above_pillows_own_limit_is_obeyed(tmp_path):
+    """Pillow refuses images over twice its limit (179 Mpx) whatever the setting said."""
+    make_dataset(tmp_path / "data/train", per_label=3)
+    big = tmp_path / "data/train/red/big.png"
+    Image.new("RGB", (15000, 12500), (200, 40, 40)).save(big)  # 187.5 Mpx
+    cfg = compose_config(
+        *output_overrides(tmp_path / "out"),
+        f"data.train_dir={tmp_path / 'data/train'}",
+        "data.test_dir=null",
+        "data.max_image_pixels=200000000",
+    )
+    split.run(cfg)
+    report = json.loads(Path(cfg.paths.data_report).read_text(encoding="utf-8"))
+    assert report["skipped"] == []
+    assert report["images"]["train"]["red"] == 4
