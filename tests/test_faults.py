@@ -86,12 +86,19 @@ def extracted(tmp_path, exported_v1):
     return cfg
 
 
+def cache_database(cfg) -> Path:
+    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
+        return cache.dir / "features.sqlite"
+
+
 def empty_cache(cfg) -> None:
     """The feature cache's vectors deleted (its exported backbone kept): all is extracted again."""
-    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
-        folder = cache.dir
-    for database in folder.glob("features.sqlite*"):
+    for database in cache_database(cfg).parent.glob("features.sqlite*"):
         database.unlink()
+
+
+def same_features(cfg, clean) -> bool:
+    return np.abs(load_table(cfg.paths.features)["features"] - clean["features"]).max() < 1e-5
 
 
 def test_image_replaced_after_split_is_not_cached_under_the_old_hash(extracted, tmp_path):
@@ -105,36 +112,32 @@ def test_image_replaced_after_split_is_not_cached_under_the_old_hash(extracted, 
         extract.run(cfg)
     original.write_bytes(kept)  # put back: the features must be the original's, not the mirror's
     extract.run(cfg)
-    assert np.abs(load_table(cfg.paths.features)["features"] - clean["features"]).max() < 1e-5
+    assert same_features(cfg, clean)
 
 
 def test_overwritten_cache_bytes_are_found_and_extracted_again(extracted, caplog):
     cfg = extracted
     clean = load_table(cfg.paths.features)
-    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
-        database = cache.dir / "features.sqlite"
-    with sqlite3.connect(database) as db:  # the SQLite file stays valid; one vector's bytes do not
+    with sqlite3.connect(cache_database(cfg)) as db:  # the file stays valid; one vector's bytes do not
         key, vector = db.execute("SELECT key, vector FROM vectors LIMIT 1").fetchone()
-        damaged = np.frombuffer(vector, np.float32).copy()
-        damaged[:8] = np.inf
+        damaged = np.frombuffer(vector, np.float32) * 0.5  # finite, plausible, wrong
         db.execute("UPDATE vectors SET vector = ? WHERE key = ?", (damaged.tobytes(), key))
     extract.run(cfg)
     assert "1 damaged entries" in caplog.text
-    assert np.abs(load_table(cfg.paths.features)["features"] - clean["features"]).max() < 1e-5
+    assert same_features(cfg, clean)
 
 
 def test_a_cache_file_that_is_not_sqlite_is_set_aside_and_rebuilt(extracted, caplog):
     cfg = extracted
     clean = load_table(cfg.paths.features)
-    with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
-        database = cache.dir / "features.sqlite"
+    database = cache_database(cfg)
     for sidecar in ("features.sqlite-wal", "features.sqlite-shm"):
         (database.parent / sidecar).unlink(missing_ok=True)
     database.write_bytes(b"this is not a database" * 100)
     extract.run(cfg)
     assert f"feature cache {database} is damaged" in caplog.text
     assert list(database.parent.glob("features.sqlite.damaged-*"))  # kept for a look, not deleted
-    assert np.abs(load_table(cfg.paths.features)["features"] - clean["features"]).max() < 1e-5
+    assert same_features(cfg, clean)
 
 
 def test_damaged_feature_table_names_the_file(extracted):
