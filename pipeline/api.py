@@ -28,6 +28,7 @@ from pipeline.data.images import (
     Skipped,
     check_labelled,
     files_in_label_folders,
+    files_under,
     is_hidden,
 )
 from pipeline.data.split_file import Split, SplitRow
@@ -69,12 +70,13 @@ class DataSource:
         if not root.is_dir():
             raise DataError(f"folder not found: {root}")
         files, skipped = [], []
-        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        paths, skipped_links = files_under(root)
+        for file in paths:
             if any(is_hidden(Path(part)) for part in file.relative_to(root).parts):
                 skipped.append(Skipped(str(file), "hidden file"))
             else:
                 files.append((str(file), file.name.split(".", 1)[0]))
-        return cls(tuple(files), tuple(skipped), str(root))
+        return cls(tuple(files), tuple(skipped + skipped_links), str(root))
 
     @classmethod
     def files_by_label(cls, files: dict[str, list[str | Path]]) -> DataSource:

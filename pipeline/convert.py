@@ -5,20 +5,24 @@ files are made in pipeline/model/model_files.py."""
 import logging
 from pathlib import Path
 
-import mlflow
 from omegaconf import DictConfig
 
-from pipeline.model.checkpoint import load_checkpoint
-from pipeline.model.model_files import write_model_files
-from pipeline.model.serving import log_image_model
-from pipeline.project import tracking
 from pipeline.project.config import stage_entry
-from pipeline.project.files import write_json
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> None:
+    # Imported here, once stage_entry has checked every setting: torch, Lightning,
+    # MLflow and coremltools take seconds to import, and a bad setting must fail in under one.
+    import mlflow
+
+    from pipeline.model.checkpoint import load_checkpoint
+    from pipeline.model.model_files import write_model_files
+    from pipeline.model.serving import log_image_model
+    from pipeline.project import tracking
+    from pipeline.project.files import write_json
+
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     models = Path(cfg.paths.models_dir)
     mlpackage, onnx_path = models / f"{cfg.model.name}.mlpackage", models / f"{cfg.model.name}.onnx"

@@ -4,56 +4,58 @@ confusion matrix and the misclassified images (README "The stages")."""
 import logging
 from pathlib import Path
 
-import mlflow
 from omegaconf import DictConfig
 
-from pipeline.evaluation import report
-from pipeline.evaluation.metrics import evaluate, mlflow_metrics, too_few_to_judge
-from pipeline.evaluation.plots import plot_confusion, plot_curves
-from pipeline.features.extraction import features_for
-from pipeline.features.table import originals
-from pipeline.model.checkpoint import Checkpoint, load_checkpoint
-from pipeline.model.head import ClassifierHead
-from pipeline.project import tracking
 from pipeline.project.config import stage_entry
-from pipeline.project.files import write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> None:
+    # Imported here, once stage_entry has checked every setting: torch, Lightning,
+    # MLflow and coremltools take seconds to import, and a bad setting must fail in under one.
+    import mlflow
+
+    from pipeline.evaluation import report
+    from pipeline.evaluation.metrics import evaluate, mlflow_metrics, too_few_to_judge
+    from pipeline.evaluation.plots import plot_confusion, plot_curves
+    from pipeline.features.extraction import features_for
+    from pipeline.features.table import originals
+    from pipeline.model.checkpoint import load_checkpoint
+    from pipeline.project import tracking
+    from pipeline.project.files import write_csv, write_json, write_text
+
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     with tracking.resumed_run(cfg, checkpoint.mlflow_run_id):  # FAILED if evaluating fails
-        report_and_log(cfg, head, checkpoint)
-
-
-def report_and_log(cfg: DictConfig, head: ClassifierHead, checkpoint: Checkpoint) -> None:
-    """Metrics, predictions, plots and the report page, written and logged to the active run."""
-    metrics, rows = evaluate(head, originals(features_for(cfg)))
-    write_json(cfg.paths.metrics, metrics)
-    write_csv(cfg.paths.predictions, rows)
-    confusion_split = "test" if "test" in metrics else "validation" if "validation" in metrics else "train"
-    write_csv(
-        cfg.paths.confusion,
-        [{"actual": r["actual"], "predicted": r["predicted"]} for r in rows if r["split"] == confusion_split],
-    )
-    plots = Path(cfg.paths.plots_dir)
-    plots.mkdir(parents=True, exist_ok=True)
-    plot_confusion(rows, checkpoint.labels, confusion_split, plots / "confusion_matrix.png")
-    plot_curves(Path(cfg.paths.curves), plots / "training_curves.png")
-    misclassified = [r for r in rows if r["split"] != "train" and r["actual"] != r["predicted"]]
-    write_csv(cfg.paths.misclassified, misclassified, list(rows[0]))
-    warnings = too_few_to_judge(metrics, cfg.evaluate.min_images_to_judge)
-    for warning in warnings:
-        log.warning("%s", warning)
-    page = report.render(metrics, misclassified, warnings, plots, f"{cfg.model.name}: evaluation")
-    write_text(cfg.paths.report, page)
-    mlflow.log_metrics(mlflow_metrics(metrics))
-    for path in (cfg.paths.metrics, cfg.paths.predictions, cfg.paths.misclassified, cfg.paths.report):
-        mlflow.log_artifact(path)
-    mlflow.log_artifacts(str(plots), "plots")
-    log.info("accuracy: %s", ", ".join(f"{split} {m['accuracy']:.3f}" for split, m in metrics.items()))
-    log.info("report: %s", cfg.paths.report)
+        metrics, rows = evaluate(head, originals(features_for(cfg)))
+        write_json(cfg.paths.metrics, metrics)
+        write_csv(cfg.paths.predictions, rows)
+        confusion_split = next(split for split in ("test", "validation", "train") if split in metrics)
+        write_csv(
+            cfg.paths.confusion,
+            [
+                {"actual": r["actual"], "predicted": r["predicted"]}
+                for r in rows
+                if r["split"] == confusion_split
+            ],
+        )
+        plots = Path(cfg.paths.plots_dir)
+        plots.mkdir(parents=True, exist_ok=True)
+        plot_confusion(rows, checkpoint.labels, confusion_split, plots / "confusion_matrix.png")
+        plot_curves(Path(cfg.paths.curves), plots / "training_curves.png")
+        misclassified = [r for r in rows if r["split"] != "train" and r["actual"] != r["predicted"]]
+        write_csv(cfg.paths.misclassified, misclassified, list(rows[0]))
+        warnings = too_few_to_judge(metrics, cfg.evaluate.min_images_to_judge)
+        for warning in warnings:
+            log.warning("%s", warning)
+        page = report.render(metrics, misclassified, warnings, plots, f"{cfg.model.name}: evaluation")
+        write_text(cfg.paths.report, page)
+        mlflow.log_metrics(mlflow_metrics(metrics))
+        for path in (cfg.paths.metrics, cfg.paths.predictions, cfg.paths.misclassified, cfg.paths.report):
+            mlflow.log_artifact(path)
+        mlflow.log_artifacts(str(plots), "plots")
+        log.info("accuracy: %s", ", ".join(f"{split} {m['accuracy']:.3f}" for split, m in metrics.items()))
+        log.info("report: %s", cfg.paths.report)
 
 
 main = stage_entry(run)

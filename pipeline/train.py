@@ -3,21 +3,25 @@ the training itself is pipeline/model/training.py."""
 
 import logging
 
-import mlflow
 from omegaconf import DictConfig
-from pytorch_lightning.loggers import MLFlowLogger
 
-from pipeline.features.extraction import features_for
-from pipeline.model.checkpoint import save_checkpoint
-from pipeline.model.training import CURVE_COLUMNS, EpochCurve, checkpoint_for, fit_head
-from pipeline.project import tracking
 from pipeline.project.config import stage_entry
-from pipeline.project.files import write_csv
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> None:
+    # Imported here, once stage_entry has checked every setting: torch, Lightning,
+    # MLflow and coremltools take seconds to import, and a bad setting must fail in under one.
+    import mlflow
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from pipeline.features.extraction import features_for
+    from pipeline.model.checkpoint import save_checkpoint
+    from pipeline.model.training import CURVE_COLUMNS, EpochCurve, checkpoint_for, fit_head
+    from pipeline.project import tracking
+    from pipeline.project.files import write_csv
+
     table = features_for(cfg)
     with tracking.new_run(cfg, table["meta"]["split_sha256"]) as run_id:  # FAILED if training fails
         curve = EpochCurve()

@@ -70,6 +70,31 @@ def test_bad_settings_stop_a_stage_with_one_line_each_and_write_nothing(tmp_path
     assert sorted(p.name for p in tmp_path.parent.iterdir()) == before
 
 
+BAD_SETTING_PROBE = """
+import sys
+from pipeline.{stage} import main
+sys.argv = ["{stage}", "train.learning_rate=0"]
+try:
+    main()
+except SystemExit as exit:
+    heavy = sorted(m for m in ("torch", "pytorch_lightning", "mlflow", "coremltools") if m in sys.modules)
+    print("exit", exit.code, "heavy", heavy)
+"""
+
+
+@pytest.mark.parametrize("stage", ["split", "extract", "train", "evaluate", "convert"])
+def test_a_bad_setting_fails_before_the_seconds_of_heavy_imports(stage):
+    result = subprocess.run(
+        [sys.executable, "-c", BAD_SETTING_PROBE.format(stage=stage)],
+        cwd=REPO,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "exit 2 heavy []" in result.stdout, result.stdout + result.stderr
+
+
 @pytest.fixture
 def extracted(tmp_path, exported_v1):
     """A small project after split and extract: its config."""
@@ -373,3 +398,25 @@ def test_max_image_pixels_above_pillows_own_limit_is_obeyed(tmp_path):
     report = json.loads(Path(cfg.paths.data_report).read_text(encoding="utf-8"))
     assert report["skipped"] == []
     assert report["images"]["train"]["red"] == 4
+
+
+def test_symlinks_inside_the_data_folder_are_followed_and_others_listed(tmp_path):
+    train = tmp_path / "data/train"
+    make_dataset(train, per_label=3)
+    make_dataset(tmp_path / "elsewhere", per_label=2, labels=("red",))
+    (train / "red/more").symlink_to(tmp_path / "elsewhere/red")  # leaves the data folder
+    (train / "green/again").symlink_to(train / "green")  # a loop
+    (train / "blue/nested").mkdir()
+    write_image(train / "blue/nested/deep.png", (40, 60, 200), seed=70)
+    (train / "blue/latest").symlink_to(train / "blue/nested")  # a second way into a folder read anyway
+    (train / "blue/alias.png").symlink_to(train / "blue/blue_0.png")  # inside: followed
+    cfg = compose_config(*output_overrides(tmp_path / "out"), f"data.train_dir={train}", "data.test_dir=null")
+    split.run(cfg)
+    report = json.loads(Path(cfg.paths.data_report).read_text(encoding="utf-8"))
+    reasons = {item["path"]: item["reason"] for item in report["skipped"]}
+    assert reasons == {
+        str(train / "red/more"): "link leaving the data folder: not followed",
+        str(train / "green/again"): "link to a folder already read: not followed",
+        str(train / "blue/latest"): "link to a folder already read: not followed",
+    }
+    assert report["images"]["train"] == {"blue": 5, "green": 3, "red": 3}

@@ -85,11 +85,36 @@ def printable(path: Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def files_under(root: Path) -> tuple[list[Path], list[Skipped]]:
+    """Every file under `root`, sorted, following symbolic links that stay inside it;
+    links that leave it (or loop) are skipped with the reason."""
+    inside = root.resolve()
+    files, skipped, seen = [], [], {inside}
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        links = [name for name in subfolders if (Path(folder) / name).is_symlink()]
+        seen.update((Path(folder) / name).resolve() for name in subfolders if name not in links)
+        for name in links:
+            path, target = Path(folder) / name, (Path(folder) / name).resolve()
+            if target in seen or not target.is_relative_to(inside):
+                why = "link to a folder already read" if target in seen else "link leaving the data folder"
+                skipped.append(Skipped(str(path), f"{why}: not followed"))
+                subfolders.remove(name)
+            seen.add(target)
+        for name in names:
+            path = Path(folder) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                skipped.append(Skipped(str(path), "link leaving the data folder: not followed"))
+            elif path.is_file():
+                files.append(path)
+    return sorted(files), skipped
+
+
 def files_in_label_folders(root: Path) -> tuple[list[tuple[Path, str]], list[Skipped]]:
     """(path, label) of every file under `root/<label>/...`; hidden files and files
     outside a label folder are skipped."""
     found, skipped = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    paths, links = files_under(root)
+    for path in paths:
         relative = path.relative_to(root)
         if not valid_utf8(str(path)):  # JSON, DVC and MLflow cannot hold such a name
             skipped.append(Skipped(printable(path), "file name is not valid UTF-8: rename it"))
@@ -99,7 +124,7 @@ def files_in_label_folders(root: Path) -> tuple[list[tuple[Path, str]], list[Ski
             skipped.append(Skipped(str(path), "not inside a label folder"))
         else:
             found.append((path, relative.parts[0]))
-    return found, skipped
+    return found, skipped + links
 
 
 def follow_pixel_limit(max_pixels: int) -> None:
