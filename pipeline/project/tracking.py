@@ -83,10 +83,10 @@ def mark_killed_runs(experiment_id: str) -> None:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-def claim() -> None:
-    """This process works in the run now: whoever finds it RUNNING and this process
-    gone knows the stage was killed."""
-    mlflow.set_tags({"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())})
+def this_process() -> dict[str, str]:
+    """Tags that say this process works in a run now: whoever finds the run RUNNING
+    and this process gone knows the stage was killed."""
+    return {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
 
 
 @contextmanager
@@ -95,8 +95,8 @@ def new_run(cfg: DictConfig, data_fingerprint: str):
     use_store(cfg)
     mark_killed_runs(mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id)
     name = f"{cfg.extractor.name}-{cfg.head.type}-{cfg.extract.crop_and_scale}"
-    with mlflow.start_run(run_name=name) as run:
-        claim()
+    # tagged as it is created: a kill between creating and tagging would leave it unowned
+    with mlflow.start_run(run_name=name, tags=this_process()) as run:
         mlflow.log_params(flat_params(cfg))
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
         mlflow.set_tags(
@@ -115,5 +115,5 @@ def resumed_run(cfg: DictConfig, run_id: str):
     use_store(cfg)
     mark_killed_runs(mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id)
     with mlflow.start_run(run_id=run_id) as run:
-        claim()
+        mlflow.set_tags(this_process())  # killed before this, it still names a process that is gone
         yield run
