@@ -21,7 +21,7 @@ from conftest import REPO, copy_project, make_dataset, project_env, run, with_ex
 from PIL import Image, ImageOps
 
 from pipeline import extract, split
-from pipeline.data.images import DataError
+from pipeline.data.images import DataError, SettingError
 from pipeline.evaluation.metrics import mlflow_metric_name
 from pipeline.features.cache import FeatureCache
 from pipeline.features.table import load_table
@@ -191,7 +191,7 @@ def test_unanswering_tracking_server_fails_the_stage_in_seconds(extracted, tmp_p
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
-    assert f"the MLflow store http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) does not answer" in output
+    assert f"the MLflow store http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) cannot be used" in output
     assert "Traceback" not in output
     assert time.monotonic() - started < 60  # imports included; MLflow alone would retry for minutes
 
@@ -420,3 +420,13 @@ def test_symlinks_inside_the_data_folder_are_followed_and_others_listed(tmp_path
         str(train / "blue/latest"): "link to a folder already read: not followed",
     }
     assert report["images"]["train"] == {"blue": 5, "green": 3, "red": 3}
+
+
+def test_damaged_mlflow_store_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"not a database" * 100)
+    cfg = compose_config(f"mlflow.tracking_uri=sqlite:///{store}")
+    named = f"the MLflow store sqlite:///{store} \\(mlflow.tracking_uri\\) cannot be used"
+    with pytest.raises(SettingError, match=named):
+        tracking.use_store(cfg)

@@ -29,17 +29,18 @@ HTTP_PATIENCE = {
 
 def use_store(cfg: DictConfig) -> None:
     """The local SQLite store by default; MLFLOW_TRACKING_URI, when set, wins.
-    SettingError naming the store when it does not answer."""
+    SettingError naming the store when it does not answer or is damaged."""
     for name, value in HTTP_PATIENCE.items():
         os.environ.setdefault(name, value)
+    # which setting chose the store, asked before MLflow, which may set the variable itself
+    where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.set_experiment(cfg.mlflow.experiment)
-    except Exception as error:  # requests and MLflow raise many types for a store that is not there
-        where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
+    except Exception as error:  # requests, SQLAlchemy and MLflow raise many types for a broken store
         reason = str(error).splitlines()[0][:200]
-        raise SettingError(f"the MLflow store {uri} ({where}) does not answer: {reason}") from None
+        raise SettingError(f"the MLflow store {uri} ({where}) cannot be used: {reason}") from None
 
 
 def git_commit() -> str:
