@@ -181,7 +181,7 @@ def metrics_of(
     return ClassifierMetrics(metrics["accuracy"], per_label, confusion, misclassified, skipped)
 
 
-def split_of_table(
+def metrics_for_split(
     table: FeatureTable, head: torch.nn.Module, split: str, skipped: list[Skipped]
 ) -> ClassifierMetrics | None:
     """The metrics of one split of a table (its original images), or None if it has none;
@@ -245,8 +245,8 @@ class ImageClassifier:
         model.skipped = [Skipped(**s) for s in split["skipped"]] + [
             Skipped(**s) for s in table["meta"]["skipped"]
         ]
-        model.training_metrics = split_of_table(table, head, "train", [])
-        model.validation_metrics = split_of_table(table, head, "validation", [])
+        model.training_metrics = metrics_for_split(table, head, "train", [])
+        model.validation_metrics = metrics_for_split(table, head, "validation", [])
         return model
 
     def evaluation(self, on: DataSource) -> ClassifierMetrics:
@@ -269,7 +269,7 @@ class ImageClassifier:
         )
         table = build_table(self.cfg, split)
         skipped += [Skipped(**item) for item in table["meta"]["skipped"]]
-        return split_of_table(table, self.head, "test", skipped)
+        return metrics_for_split(table, self.head, "test", skipped)
 
     def predictions(self, images: list[str | Path], top_k: int = 1) -> pd.DataFrame:
         """The `top_k` labels of each image file, most likely first: path, label, confidence."""
