@@ -178,27 +178,36 @@ def cached_features(cfg: DictConfig, wanted: list[Entry]) -> tuple[np.ndarray, l
     (features, those entries, the images that failed to decode, the extractor's description)."""
     with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
         failed = fill_cache(wanted, cfg, cache)
-        stale = [item for item in failed if item["reason"].endswith(STALE)]
-        if stale:  # training on what is left would drop images the split promised
-            more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
-            raise DataError(f"{stale[0]['path']}: {stale[0]['reason']}{more}")
-        damaged = [key for key in (entry_key(row["sha256"], copy) for row, copy in wanted) if key in cache]
-        damaged = [key for key in damaged if not readable(cache, key)]
+        stop_if_stale(failed)
+        vectors, damaged = read_cached(cache, [entry_key(row["sha256"], copy) for row, copy in wanted])
         if damaged:
             log.warning("%d damaged entries in %s: extracting them again", len(damaged), cache.dir)
             cache.drop(damaged)
             failed = fill_cache(wanted, cfg, cache)  # tries the failed ones again too
-        entries = [(row, copy) for row, copy in wanted if entry_key(row["sha256"], copy) in cache]
-        features = np.stack([cache.get(entry_key(row["sha256"], copy)) for row, copy in entries])
+            vectors.update(read_cached(cache, damaged)[0])
+        entries = [(row, copy) for row, copy in wanted if entry_key(row["sha256"], copy) in vectors]
+        features = np.stack([vectors[entry_key(row["sha256"], copy)] for row, copy in entries])
         return features, entries, failed, {**cache.about, "dim": features.shape[1]}
 
 
-def readable(cache: FeatureCache, key: str) -> bool:
-    try:
-        cache.get(key)
-    except DamagedEntry:
-        return False
-    return True
+def stop_if_stale(failed: list[dict]) -> None:
+    """Training on what is left would drop images the split promised."""
+    stale = [item for item in failed if item["reason"].endswith(STALE)]
+    if stale:
+        more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+        raise DataError(f"{stale[0]['path']}: {stale[0]['reason']}{more}")
+
+
+def read_cached(cache: FeatureCache, keys: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The vectors of the cached `keys`, each read once, and the keys whose entry is damaged."""
+    vectors, damaged = {}, []
+    for key in keys:
+        if key in cache:
+            try:
+                vectors[key] = cache.get(key)
+            except DamagedEntry:
+                damaged.append(key)
+    return vectors, damaged
 
 
 def build_table(cfg: DictConfig, split: Split) -> FeatureTable:
