@@ -300,6 +300,24 @@ def test_a_file_name_that_is_not_utf8_is_skipped_and_named(tmp_path):
     assert sum(report["images"]["train"].values()) == 12  # the others all used
 
 
+@pytest.mark.slow
+def test_dvc_repro_runs_past_a_file_name_that_is_not_utf8(demo_project, tmp_path):
+    project = copy_project(demo_project, tmp_path / "project")
+    label = next(p for p in sorted((project / "data/demo/train").iterdir()) if p.is_dir())
+    image = next(label.iterdir()).read_bytes()
+    # DVC ignores the odd name (.dvcignore), so it comes in a batch with a new image
+    (label / os.fsdecode(b"caf\xe9.png")).write_bytes(image)
+    ImageOps.mirror(Image.open(next(label.iterdir()))).save(label / "new.png")
+    result = run(["dvc", "repro", "split"], project, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((project / "reports/data_report.json").read_text(encoding="utf-8"))
+    assert {
+        "path": f"data/demo/train/{label.name}/caf\\xe9.png",
+        "reason": "file name is not valid UTF-8: rename it",
+    } in report["skipped"]
+    assert "split" not in json.loads(run(["dvc", "status", "--json"], project).stdout)
+
+
 def test_labels_longer_than_mlflow_allows_stay_distinct_metrics():
     long_a, long_b = "a" * 254 + "1", "a" * 254 + "2"
     names = {mlflow_metric_name("validation", label, "precision") for label in (long_a, long_b)}
@@ -422,10 +440,24 @@ def test_symlinks_inside_the_data_folder_are_followed_and_others_listed(tmp_path
     assert report["images"]["train"] == {"blue": 5, "green": 3, "red": 3}
 
 
-def test_damaged_mlflow_store_is_named(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def truncated_store(store: Path) -> None:
+    """A real MLflow store with a run, cut in half as a full disk or a kill leaves it."""
+    client = mlflow.MlflowClient(f"sqlite:///{store}")  # no global tracking state
+    run_id = client.create_run(client.create_experiment("damaged")).info.run_id
+    client.log_metric(run_id, "accuracy", 1.0)
+    client.set_terminated(run_id)
+    with open(store, "r+b") as file:
+        file.truncate(store.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "truncated"])
+def test_damaged_mlflow_store_is_named(tmp_path, monkeypatch, damage):
     store = tmp_path / "mlflow.db"
-    store.write_bytes(b"not a database" * 100)
+    if damage == "overwritten":
+        store.write_bytes(b"not a database" * 100)
+    else:
+        truncated_store(store)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_config(f"mlflow.tracking_uri=sqlite:///{store}")
     named = f"the MLflow store sqlite:///{store} \\(mlflow.tracking_uri\\) cannot be used"
     with pytest.raises(SettingError, match=named):
