@@ -1,10 +1,15 @@
 """Rebuild the bundled demo dataset from Debian's `openclipart-png` package.
 
-Provenance only: the images it writes are committed under data/demo, so nobody
-needs to run this. It records exactly which clip art became which demo image.
+Provenance only: the images it writes are committed under data/demo and
+data/unseen, so nobody needs to run this. It records exactly which clip art became
+which image.
 
     apt-get download openclipart-png && dpkg -x openclipart-png_*.deb /tmp/oc
     python data/build_demo.py /tmp/oc/usr/share/openclipart/png
+
+data/unseen holds clip art of categories the demo has no label for, made the same
+way: what a model trained on the demo should answer "unknown" to (README "Can I
+trust it?").
 """
 
 import hashlib
@@ -20,7 +25,9 @@ LABELS = {  # demo label -> openclipart category folder
     "mammal": "animals/mammals",
     "vehicle": "transportation/vehicles",
 }
+UNSEEN = ["buildings", "electronics", "tools", "office", "people", "science"]  # none of the demo's labels
 TRAIN_PER_LABEL, TEST_PER_LABEL = 40, 15
+UNSEEN_PER_CATEGORY = 10
 SHORT_SIDE = 300  # Create ML warns below 299 px
 BACKGROUND = (255, 255, 255)
 
@@ -66,5 +73,15 @@ def main(clipart_root: Path, out_root: Path) -> None:
         seen_anywhere.update(written)
 
 
+def unseen(clipart_root: Path, out_root: Path) -> None:
+    rng = random.Random(0)
+    for category in UNSEEN:
+        images = distinct_images(clipart_root / category)
+        rng.shuffle(images)
+        for source in images[:UNSEEN_PER_CATEGORY]:
+            to_demo_jpeg(source, out_root / category / f"{source.stem}.jpg")
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(__file__).parent / "demo")
+    unseen(Path(sys.argv[1]), Path(__file__).parent / "unseen")

@@ -36,6 +36,7 @@ from pipeline.data.splitting import check_trainable, make_split
 from pipeline.evaluation.metrics import evaluate, predict_probabilities, split_metrics
 from pipeline.features.extraction import build_table, cached_features
 from pipeline.features.table import FeatureTable, originals
+from pipeline.model.calibration import calibrate
 from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipeline.model.model_files import write_model_files
 from pipeline.model.training import EpochCurve, checkpoint_for, fit_head
@@ -241,7 +242,8 @@ class ImageClassifier:
         with progress_bars(progress):
             table = build_table(cfg, split)
             head, strength = fit_head(cfg, table, [EpochCurve()])
-        model = cls(head, checkpoint_for(cfg, table, head, strength, run_id=""), cfg)
+            calibration = calibrate(cfg, table, head, strength)
+        model = cls(head, checkpoint_for(cfg, table, head, strength, calibration, run_id=""), cfg)
         model.skipped = [Skipped(**s) for s in split["skipped"]] + [
             Skipped(**s) for s in table["meta"]["skipped"]
         ]

@@ -1,5 +1,6 @@
-"""Stage `evaluate`: accuracy per split, per-label precision/recall/F1, the
-confusion matrix and the misclassified images (README "The stages")."""
+"""Stage `evaluate`: accuracy per split, per-label precision/recall/F1, calibration,
+the confusion matrix and the misclassified images, and the data audit (README "The
+stages", "Can I trust it?")."""
 
 import logging
 from pathlib import Path
@@ -17,8 +18,9 @@ def run(cfg: DictConfig) -> None:
     import mlflow
 
     from pipeline.evaluation import report
+    from pipeline.evaluation.audit import DUPLICATE_COLUMNS, LABEL_ISSUE_COLUMNS, OUTLIER_COLUMNS, audit
     from pipeline.evaluation.metrics import evaluate, mlflow_metrics, too_few_to_judge
-    from pipeline.evaluation.plots import plot_confusion, plot_curves
+    from pipeline.evaluation.plots import plot_confusion, plot_curves, plot_reliability
     from pipeline.features.extraction import features_for
     from pipeline.features.table import originals
     from pipeline.model.checkpoint import load_checkpoint
@@ -27,7 +29,8 @@ def run(cfg: DictConfig) -> None:
 
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     with tracking.resumed_run(cfg, checkpoint.mlflow_run_id):  # FAILED if evaluating fails
-        metrics, rows = evaluate(head, originals(features_for(cfg)))
+        table = features_for(cfg)
+        metrics, rows = evaluate(head, originals(table), checkpoint.rejection_threshold)
         write_json(cfg.paths.metrics, metrics)
         write_csv(cfg.paths.predictions, rows)
         confusion_split = next(split for split in ("test", "validation", "train") if split in metrics)
@@ -43,15 +46,46 @@ def run(cfg: DictConfig) -> None:
         plots.mkdir(parents=True, exist_ok=True)
         plot_confusion(rows, checkpoint.labels, confusion_split, plots / "confusion_matrix.png")
         plot_curves(Path(cfg.paths.curves), plots / "training_curves.png")
+        if "expected_calibration_error" in metrics[confusion_split]:
+            errors = [
+                metrics[confusion_split][f"expected_calibration_error{kind}"]
+                for kind in ("", "_uncalibrated")
+            ]
+            plot_reliability(rows, confusion_split, errors, plots / "reliability.png")
         misclassified = [r for r in rows if r["split"] != "train" and r["actual"] != r["predicted"]]
         write_csv(cfg.paths.misclassified, misclassified, list(rows[0]))
-        warnings = too_few_to_judge(metrics, cfg.evaluate.min_images_to_judge)
+        findings = audit(cfg, table, head, checkpoint)
+        write_csv(cfg.paths.label_issues, findings.label_issues, LABEL_ISSUE_COLUMNS)
+        write_csv(cfg.paths.near_duplicates, findings.near_duplicates, DUPLICATE_COLUMNS)
+        write_csv(cfg.paths.outliers, findings.outliers, OUTLIER_COLUMNS)
+        warnings = findings.warnings() + too_few_to_judge(metrics, cfg.evaluate.min_images_to_judge)
         for warning in warnings:
             log.warning("%s", warning)
-        page = report.render(metrics, misclassified, warnings, plots, f"{cfg.model.name}: evaluation")
-        write_text(cfg.paths.report, page)
-        mlflow.log_metrics(mlflow_metrics(metrics))
-        for path in (cfg.paths.metrics, cfg.paths.predictions, cfg.paths.misclassified, cfg.paths.report):
+        page = report.Page(
+            title=f"{cfg.model.name}: evaluation",
+            metrics=metrics,
+            rows=rows,
+            labels=checkpoint.labels,
+            split=confusion_split,
+            warnings=warnings,
+            plots_dir=plots,
+            calibration=checkpoint.calibration,
+            label_issues=findings.flagged(),
+            near_duplicates=findings.near_duplicates,
+            outliers=findings.outliers,
+            images_shown=cfg.audit.images_shown,
+        )
+        write_text(cfg.paths.report, report.render(page))
+        mlflow.log_metrics(mlflow_metrics(metrics) | findings.counts())
+        for path in (
+            cfg.paths.metrics,
+            cfg.paths.predictions,
+            cfg.paths.misclassified,
+            cfg.paths.report,
+            cfg.paths.label_issues,
+            cfg.paths.near_duplicates,
+            cfg.paths.outliers,
+        ):
             mlflow.log_artifact(path)
         mlflow.log_artifacts(str(plots), "plots")
         log.info("accuracy: %s", ", ".join(f"{split} {m['accuracy']:.3f}" for split, m in metrics.items()))

@@ -1,5 +1,7 @@
 """`python -m pipeline.predict IMAGE_OR_FOLDER... [--top-k K] [--json]`: Create ML's
-Preview, the top labels with their confidence, from the exported ONNX model."""
+Preview, the answer and the top labels with their calibrated confidence, from the
+exported ONNX model. The answer is "unknown" when no label reaches the model's
+rejection threshold (README "Can I trust it?")."""
 
 import argparse
 import json
@@ -48,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], 0
     for path in files:
         try:
-            results.append({"path": str(path), "top_k": classifier.top_k(path, args.top_k)})
+            probabilities = classifier.probabilities(path)
+            results.append(
+                {
+                    "path": str(path),
+                    "label": classifier.answer(probabilities),
+                    "top_k": classifier.top(probabilities, args.top_k),
+                }
+            )
         except Exception as error:  # one unreadable file must not hide the others' answers
             print(f"error: {path}: cannot read image ({error})", file=sys.stderr)
             failed += 1
@@ -58,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     {
                         "path": r["path"],
+                        "label": r["label"],
                         "predictions": [{"label": lbl, "confidence": c} for lbl, c in r["top_k"]],
                     }
                     for r in results
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         for result in results:
-            print(result["path"])
+            print(f"{result['path']}: {result['label']}")
             for label, confidence in result["top_k"]:
                 print(f"  {confidence:7.2%}  {label}")
     return 1 if failed else 0

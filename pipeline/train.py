@@ -17,6 +17,7 @@ def run(cfg: DictConfig) -> None:
     from pytorch_lightning.loggers import MLFlowLogger
 
     from pipeline.features.extraction import features_for
+    from pipeline.model.calibration import calibrate
     from pipeline.model.checkpoint import save_checkpoint
     from pipeline.model.training import CURVE_COLUMNS, EpochCurve, checkpoint_for, fit_head
     from pipeline.project import tracking
@@ -30,7 +31,9 @@ def run(cfg: DictConfig) -> None:
         write_csv(cfg.paths.curves, curve.rows, CURVE_COLUMNS)
         mlflow.log_artifact(cfg.paths.curves)
         mlflow.log_param("train.regularization_used", strength)  # the cross-validated choice, for `auto`
-        save_checkpoint(cfg.paths.checkpoint, checkpoint_for(cfg, table, head, strength, run_id))
+        calibration = calibrate(cfg, table, head, strength)
+        mlflow.log_params({f"calibrate.{key}_used": value for key, value in calibration.items()})
+        save_checkpoint(cfg.paths.checkpoint, checkpoint_for(cfg, table, head, strength, calibration, run_id))
     last = curve.rows[-1]
     log.info(
         "trained %s head for %d epochs: %s (MLflow run %s)",

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pipeline.model.head import ClassifierHead
-from pipeline.model.regularization import STRENGTHS, fold_of_each_row
-from pipeline.model.training import EpochCurve, balanced_class_weights, fit_head
+from pipeline.model.regularization import STRENGTHS, balanced_class_weights, fold_of_each_row
+from pipeline.model.training import EpochCurve, fit_head
 from pipeline.project.config import compose_config
 
 

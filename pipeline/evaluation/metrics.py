@@ -8,15 +8,44 @@ import re
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from torchmetrics.functional.classification import multiclass_calibration_error
 
 from pipeline.features.table import FeatureTable
 
 SPLITS = ("train", "validation", "test")
 
 
+UNKNOWN = "unknown"  # the answer under the rejection threshold (as the exported models answer)
+
+
 def predict_probabilities(head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return head(torch.from_numpy(features)).softmax(dim=1).numpy()
+
+
+def calibration_error(probabilities: np.ndarray, truth: np.ndarray) -> float:
+    """Expected calibration error: the mean gap between confidence and accuracy over
+    15 confidence bins, weighted by how many images fall in each."""
+    return float(
+        multiclass_calibration_error(
+            torch.from_numpy(probabilities), torch.from_numpy(truth), probabilities.shape[1], n_bins=15
+        )
+    )
+
+
+def trust_metrics(
+    probabilities: np.ndarray, uncalibrated: np.ndarray, truth: np.ndarray, threshold: float
+) -> dict:
+    """Calibration before and after temperature scaling, and what the rejection
+    threshold keeps: the share of images answered with a label, and their accuracy."""
+    kept = probabilities.max(axis=1) >= threshold
+    right = probabilities.argmax(axis=1) == truth
+    return {
+        "expected_calibration_error": calibration_error(probabilities, truth),
+        "expected_calibration_error_uncalibrated": calibration_error(uncalibrated, truth),
+        "kept": float(kept.mean()),
+        "kept_accuracy": float(right[kept].mean()) if kept.any() else 0.0,
+    }
 
 
 def split_metrics(truth: np.ndarray, predicted: np.ndarray, labels: list[str], per_class: bool) -> dict:
@@ -55,18 +84,23 @@ def too_few_to_judge(metrics: dict, minimum: int) -> list[str]:
     ]
 
 
-def evaluate(head: torch.nn.Module, table: FeatureTable) -> tuple[dict, list[dict]]:
-    """metrics.json's content (a split that does not exist has no key) and one row per image."""
+def evaluate(head: torch.nn.Module, table: FeatureTable, threshold: float = 0.0) -> tuple[dict, list[dict]]:
+    """metrics.json's content (a split that does not exist has no key) and one row per
+    image, its answer "unknown" when its confidence is under `threshold`."""
     labels = table["meta"]["labels"]
     probabilities = predict_probabilities(head, table["features"])
+    with torch.inference_mode():  # the head's logits before its temperature
+        logits = head(torch.from_numpy(table["features"])) * head.temperature
+    uncalibrated = logits.softmax(dim=1).numpy()
     predicted = probabilities.argmax(axis=1)
     metrics = {}
     for split in SPLITS:
         mask = table["split"] == split
         if mask.any():
-            metrics[split] = split_metrics(
-                table["label_index"][mask], predicted[mask], labels, per_class=split != "train"
-            )
+            truth = table["label_index"][mask]
+            metrics[split] = split_metrics(truth, predicted[mask], labels, per_class=split != "train")
+            if split != "train":
+                metrics[split] |= trust_metrics(probabilities[mask], uncalibrated[mask], truth, threshold)
     rows = [
         {
             "path": path,
@@ -74,6 +108,7 @@ def evaluate(head: torch.nn.Module, table: FeatureTable) -> tuple[dict, list[dic
             "actual": labels[truth],
             "predicted": labels[guess],
             "confidence": float(p[guess]),
+            "answer": labels[guess] if p[guess] >= threshold else UNKNOWN,
         }
         for path, split, truth, guess, p in zip(
             table["path"], table["split"], table["label_index"], predicted, probabilities, strict=True
@@ -100,7 +135,7 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
     """metrics.json flattened: test_accuracy, test_fruit_recall, ..."""
     flat = {}
     for split, values in metrics.items():
-        flat[f"{split}_accuracy"] = values["accuracy"]
+        flat |= {f"{split}_{name}": value for name, value in values.items() if not isinstance(value, dict)}
         for label, scores in values.get("per_class", {}).items():
             for name in ("precision", "recall", "f1"):
                 flat[mlflow_metric_name(split, label, name)] = scores[name]

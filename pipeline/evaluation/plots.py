@@ -1,5 +1,5 @@
-"""The evaluation's pictures: the confusion matrix and the training curves
-(README "The stages")."""
+"""The evaluation's pictures: the confusion matrix, the training curves and the
+reliability diagram (README "The stages", "Can I trust it?")."""
 
 import csv
 from pathlib import Path
@@ -47,6 +47,35 @@ def plot_curves(curve_csv: Path, path: Path) -> None:
     loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     accuracy.legend()
     loss.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_reliability(rows: list[dict], split: str, errors: tuple[float, float], path: Path) -> None:
+    """Accuracy per confidence bin against the diagonal a calibrated model keeps to."""
+    chosen = [row for row in rows if row["split"] == split]
+    confidence = np.array([float(r["confidence"]) for r in chosen])
+    correct = np.array([r["actual"] == r["predicted"] for r in chosen])
+    edges = np.linspace(0, 1, 11)
+    bins = np.clip(np.digitize(confidence, edges) - 1, 0, 9)
+    counts = np.bincount(bins, minlength=10)
+    accuracy = np.bincount(bins, weights=correct, minlength=10) / np.maximum(counts, 1)
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.bar(edges[:-1], accuracy, width=0.1, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
+    axes.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
+    for left, n in zip(edges[:-1], counts, strict=True):
+        if n:
+            axes.text(left + 0.05, 0.02, str(n), ha="center", fontsize=8)
+    after, before = errors
+    axes.set(
+        xlabel="confidence",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"Reliability ({split}): ECE {after:.3f}, {before:.3f} before scaling",
+    )
+    axes.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -26,12 +26,18 @@ class Checkpoint:
     mlflow_run_id: str
     trained_at: str
     regularization: float  # the L2 strength the head was trained with (chosen by cross-validation or set)
+    calibration: dict  # temperature, rejection_threshold, keep, fitted_on (pipeline/model/calibration.py)
     state_dict: dict = field(repr=False)
 
     @property
     def crop_and_scale(self) -> str:
         """Vision's imageCropAndScaleOption the features were made with."""
         return self.extractor["crop_and_scale"]
+
+    @property
+    def rejection_threshold(self) -> float:
+        """Below this calibrated confidence the answer is "unknown" (0: never)."""
+        return self.calibration["rejection_threshold"]
 
     def build_head(self) -> ClassifierHead:
         head = ClassifierHead(

@@ -7,6 +7,10 @@ from torch import nn
 class ClassifierHead(nn.Module):
     """Logistic regression (no hidden layer) or an MLP (README "Parameters"), returning logits.
 
+    The logits are divided by a temperature, 1 while training and then fitted on
+    held-out images (pipeline/model/calibration.py), so that everything downstream,
+    the exported Core ML and ONNX models included, gives calibrated probabilities.
+
     Features are standardised first (per-dimension shift and scale fitted on the
     training features, stored as buffers), so one grid of regularisation strengths
     suits every backbone, and the exported models standardise exactly as training did.
@@ -18,6 +22,7 @@ class ClassifierHead(nn.Module):
         super().__init__()
         self.register_buffer("shift", torch.zeros(in_features))
         self.register_buffer("scale", torch.ones(in_features))
+        self.register_buffer("temperature", torch.ones(()))
         layers: list[nn.Module] = []
         width = in_features
         for hidden in hidden_sizes:
@@ -48,4 +53,4 @@ class ClassifierHead(nn.Module):
         return [layer.weight for layer in self.layers if isinstance(layer, nn.Linear)]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.standardise(features))
+        return self.layers(self.standardise(features)) / self.temperature

@@ -54,6 +54,10 @@ def user_metadata(cfg: DictConfig, checkpoint: Checkpoint) -> dict[str, str]:
         "data_fingerprint": checkpoint.data_fingerprint,
         # the imageCropAndScaleOption an app must set on its VNCoreMLRequest
         "crop_and_scale": checkpoint.crop_and_scale,
+        # the probabilities are calibrated (the temperature is inside the model); an app
+        # answers "unknown" when the top one is below the threshold (README "Can I trust it?")
+        "temperature": f"{checkpoint.calibration['temperature']:.6g}",
+        "rejection_threshold": f"{checkpoint.rejection_threshold:.6g}",
     }
 
 

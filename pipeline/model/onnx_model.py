@@ -11,6 +11,8 @@ import onnxruntime as ort
 
 from pipeline.data.images import load_rgb, to_square
 
+UNKNOWN = "unknown"  # the answer when no label reaches the model's rejection threshold
+
 
 class OnnxClassifier:
     """The exported model with the preprocessing its metadata states."""
@@ -20,6 +22,7 @@ class OnnxClassifier:
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.labels = json.loads(metadata["labels"])
         self.crop_and_scale = metadata["crop_and_scale"]
+        self.rejection_threshold = float(metadata.get("rejection_threshold", 0))
         self.size = self.session.get_inputs()[0].shape[-1]
 
     def probabilities(self, image: str | Path | BinaryIO) -> np.ndarray:
@@ -27,6 +30,11 @@ class OnnxClassifier:
         pixels = to_square(load_rgb(image, min_side=self.size), self.size, self.crop_and_scale)
         return self.session.run(None, {"image": pixels.transpose(2, 0, 1)[None].astype(np.float32)})[0][0]
 
-    def top_k(self, image: str | Path | BinaryIO, k: int) -> list[tuple[str, float]]:
-        probabilities = self.probabilities(image)
+    def answer(self, probabilities: np.ndarray) -> str:
+        """The top label, or "unknown" when its calibrated probability is under the threshold."""
+        top = int(np.argmax(probabilities))
+        return self.labels[top] if probabilities[top] >= self.rejection_threshold else UNKNOWN
+
+    def top(self, probabilities: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The `k` most likely labels with their probabilities."""
         return [(self.labels[i], float(probabilities[i])) for i in np.argsort(-probabilities)[:k]]

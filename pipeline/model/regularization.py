@@ -10,7 +10,6 @@ matrix product is several times cheaper than one narrow product per fold.
 
 import logging
 from collections.abc import Callable
-from functools import partial
 
 import numpy as np
 import torch
@@ -40,6 +39,12 @@ def penalised_loss(
     """Mean cross-entropy plus strength/2 * the squared norm of the weight matrices."""
     loss = nn.functional.cross_entropy(logits, labels, weight=class_weights)
     return loss + 0.5 * strength * sum(w.square().sum() for w in weights)
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """n / (k * count): each class weighs the same in the loss, as sklearn's 'balanced'."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float32)
+    return torch.from_numpy(len(labels) / (num_classes * np.maximum(counts, 1)))
 
 
 def lbfgs(parameters: list[torch.Tensor], max_iter: int) -> torch.optim.LBFGS:
@@ -126,37 +131,62 @@ def choose_strength(
     return strength * sampled
 
 
+class FoldModels:
+    """One logistic model per fold, each trained on the other folds' rows, all at once
+    as one (D, folds x labels) matrix (see the module's docstring)."""
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        fold: torch.Tensor,
+        class_weights: torch.Tensor | None,
+        num_classes: int,
+    ):
+        self.features, self.labels, self.fold = features, labels, fold
+        self.num_classes, self.folds = num_classes, int(fold.max()) + 1
+        trains = torch.stack([fold != f for f in range(self.folds)], dim=1).float()  # (N, folds)
+        row_weight = torch.ones(len(labels)) if class_weights is None else class_weights[labels]
+        fit_weight = trains * row_weight[:, None]
+        self.fit_weight = fit_weight / fit_weight.sum(dim=0)
+        self.weight = torch.zeros(features.shape[1], self.folds * num_classes, requires_grad=True)
+        self.bias = torch.zeros(self.folds * num_classes, requires_grad=True)
+
+    def logits(self) -> torch.Tensor:
+        """(N, folds, labels): every row under every fold's model."""
+        return (self.features @ self.weight + self.bias).view(len(self.labels), self.folds, self.num_classes)
+
+    def fit(self, strength: float, iterations: int) -> None:
+        """Warm-started from the last fit: strongest strength first is cheapest."""
+
+        def objective() -> torch.Tensor:
+            losses = -self.logits().log_softmax(dim=2)
+            losses = losses.gather(2, self.labels.view(-1, 1, 1).expand(-1, self.folds, 1)).squeeze(2)
+            return (losses * self.fit_weight).sum() + 0.5 * strength * self.weight.square().sum()
+
+        minimise([self.weight, self.bias], objective, iterations)
+
+    def held_out_logits(self) -> torch.Tensor:
+        """(N, labels): each row's logits under the one model that did not train on it."""
+        with torch.no_grad():
+            return self.logits()[torch.arange(len(self.labels)), self.fold]
+
+
 def _strength_by_folds(
     features: torch.Tensor, labels: torch.Tensor, fold: torch.Tensor, class_weights: torch.Tensor | None
 ) -> float:
-    num_classes, folds = int(labels.max()) + 1, int(fold.max()) + 1
-    trains = torch.stack([fold != f for f in range(folds)], dim=1).float()  # (N, folds)
-    row_weight = torch.ones(len(labels)) if class_weights is None else class_weights[labels]
-    fit_weight = trains * row_weight[:, None]
-    fit_weight = fit_weight / fit_weight.sum(dim=0)
-    weight = torch.zeros(features.shape[1], folds * num_classes, requires_grad=True)
-    bias = torch.zeros(folds * num_classes, requires_grad=True)
-
-    def per_fold_losses() -> torch.Tensor:  # (N, folds) cross-entropy of every row under every fold's model
-        logits = (features @ weight + bias).view(len(labels), folds, num_classes)
-        return -logits.log_softmax(dim=2).gather(2, labels.view(-1, 1, 1).expand(-1, folds, 1)).squeeze(2)
-
-    def objective(strength: float) -> torch.Tensor:
-        return (per_fold_losses() * fit_weight).sum() + 0.5 * strength * weight.square().sum()
-
+    models = FoldModels(features, labels, fold, class_weights, int(labels.max()) + 1)
     scores = {}
     for strength in STRENGTHS:
-        minimise([weight, bias], partial(objective, strength), ITERATIONS_PER_STRENGTH)
-        with torch.no_grad():
-            held_out = per_fold_losses() * (1 - trains)
-        scores[float(strength)] = float(held_out.sum() / (1 - trains).sum())
+        models.fit(float(strength), ITERATIONS_PER_STRENGTH)
+        scores[float(strength)] = float(nn.functional.cross_entropy(models.held_out_logits(), labels))
         if len(scores) > 2 and min(scores, key=scores.get) not in list(scores)[-2:]:
             break  # held-out loss rose twice in a row: weaker strengths only overfit more (and fit slowest)
     best = min(scores, key=scores.get)
     log.info(
         "L2 strength %.0e chosen by %d-fold cross-validation (held-out log-loss %s)",
         best,
-        folds,
+        models.folds,
         ", ".join(f"{s:.0e}: {v:.3f}" for s, v in scores.items()),
     )
     return best

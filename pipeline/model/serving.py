@@ -45,7 +45,8 @@ def image_bytes(value: bytes | bytearray | str) -> bytes:
 
 
 class ImageModel(mlflow.pyfunc.PythonModel):
-    """One row per image in, one row per image out: label, confidence, probabilities."""
+    """One row per image in, one row per image out: label ("unknown" under the model's
+    rejection threshold), the top probability, and every label's probability."""
 
     def load_context(self, context):
         self.classifier = OnnxClassifier(context.artifacts["onnx"])
@@ -55,8 +56,13 @@ class ImageModel(mlflow.pyfunc.PythonModel):
         for value in model_input["image"]:
             probabilities = self.classifier.probabilities(io.BytesIO(image_bytes(value)))
             by_label = dict(zip(self.classifier.labels, map(float, probabilities), strict=True))
-            label = max(by_label, key=by_label.get)
-            rows.append({"label": label, "confidence": by_label[label], "probabilities": by_label})
+            rows.append(
+                {
+                    "label": self.classifier.answer(probabilities),
+                    "confidence": float(probabilities.max()),
+                    "probabilities": by_label,
+                }
+            )
         return pd.DataFrame(rows, columns=["label", "confidence", "probabilities"])
 
 

@@ -15,7 +15,7 @@ from pipeline.features.table import FeatureTable
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.head import ClassifierHead
 from pipeline.model.lit_head import LitHead
-from pipeline.model.regularization import MLP_STRENGTH, choose_strength
+from pipeline.model.regularization import MLP_STRENGTH, balanced_class_weights, choose_strength
 from pipeline.project.config import show_progress
 
 CURVE_COLUMNS = ["epoch", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy"]
@@ -60,12 +60,6 @@ def rows_of(table: FeatureTable, split: str) -> tuple[torch.Tensor, torch.Tensor
     rows = rows[np.lexsort((table["copy"][rows], table["sha256"][rows]))]
     features, labels = table["features"][rows], table["label_index"][rows]
     return torch.from_numpy(features), torch.from_numpy(labels), table["sha256"][rows]
-
-
-def balanced_class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """n / (k * count): each class weighs the same in the loss, as sklearn's 'balanced'."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float32)
-    return torch.from_numpy(len(labels) / (num_classes * np.maximum(counts, 1)))
 
 
 def regularization_strength(
@@ -133,7 +127,12 @@ def fit_head(
 
 
 def checkpoint_for(
-    cfg: DictConfig, table: FeatureTable, head: ClassifierHead, strength: float, run_id: str
+    cfg: DictConfig,
+    table: FeatureTable,
+    head: ClassifierHead,
+    strength: float,
+    calibration: dict,
+    run_id: str,
 ) -> Checkpoint:
     return Checkpoint(
         labels=table["meta"]["labels"],
@@ -145,5 +144,6 @@ def checkpoint_for(
         mlflow_run_id=run_id,
         trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
         regularization=strength,
+        calibration=calibration,
         state_dict=head.state_dict(),
     )

@@ -46,6 +46,10 @@ def fraction_below_one() -> tuple[Check, str]:
     return lambda v: number(0)[0](v) and v < 1, "a fraction in [0, 1)"
 
 
+def share() -> tuple[Check, str]:
+    return lambda v: number(0, above=True)[0](v) and v <= 1, "a share in (0, 1]"
+
+
 def layer_sizes() -> tuple[Check, str]:
     return lambda v: isinstance(v, list) and all(integer(1)[0](n) for n in v), "a list of layer sizes >= 1"
 
@@ -73,7 +77,13 @@ RULES: dict[str, tuple[Check, str]] = {
     "train.class_weighting": boolean(),
     "train.early_stopping_patience": integer(0),
     "train.seed": integer(0),
+    "calibrate.temperature": auto_or(number(0, above=True)),
+    "calibrate.keep": share(),
     "evaluate.min_images_to_judge": integer(0),
+    "audit.label_issues_listed": integer(0),
+    "audit.near_duplicate_similarity": share(),
+    "audit.outliers": integer(0),
+    "audit.images_shown": integer(0),
     "model.name": (lambda v: isinstance(v, str) and bool(SWIFT_IDENTIFIER.match(v)), "a Swift identifier"),
     "model.precision": one_of("float32", "float16", "int8"),
     "retrain.margin": number(0),

@@ -1,0 +1,137 @@
+"""Calibrated confidence and "none of these" (README "Can I trust it?").
+
+A head's softmax is not a probability one can act on: an L2-penalised logistic
+head is under-confident, an MLP over-confident. Temperature scaling (Guo et al.,
+2017) divides the logits by the one number that best fits held-out images, which
+leaves every prediction's label as it was. The same held-out images then give the
+confidence under which a photo is answered "unknown": the threshold that keeps
+`calibrate.keep` of them. Held out means out-of-fold: k logistic models at the
+head's L2 strength, each trained on the other folds' images (and their augmented
+copies) and scored on its own fold, so every training and validation image gets
+probabilities from a model that never saw it. Those also feed the data audit.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from pipeline.features.table import FeatureTable
+from pipeline.model.head import ClassifierHead
+from pipeline.model.regularization import (
+    FoldModels,
+    balanced_class_weights,
+    choose_strength,
+    fold_of_each_row,
+    minimise,
+    usable_folds,
+)
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_SPLITS = ("train", "validation")
+
+
+@dataclass
+class HeldOut:
+    rows: np.ndarray  # (N,) rows of the feature table: the train and validation images, no copies
+    logits: torch.Tensor  # (N, labels) from the fold model that did not see the image; not calibrated
+    labels: torch.Tensor  # (N,)
+
+
+def out_of_fold(
+    cfg: DictConfig, table: FeatureTable, head: ClassifierHead, strength: float
+) -> HeldOut | None:
+    """Out-of-fold logits of every train and validation image (None when a label has
+    fewer than two images to fold). `strength` is the logistic L2 strength: the
+    head's own for a logistic head; an MLP's is no logistic one, so it is chosen here."""
+    rows = np.flatnonzero(np.isin(table["split"], HELD_OUT_SPLITS))
+    rows = rows[np.lexsort((table["copy"][rows], table["sha256"][rows]))]  # as training orders them
+    labels = torch.from_numpy(table["label_index"][rows])
+    groups = table["sha256"][rows]  # an image and its augmented copies share a fold
+    folds = usable_folds(labels.numpy(), groups, cfg.train.cv_folds)
+    if folds < 2:
+        return None
+    num_classes = len(table["meta"]["labels"])
+    weights = balanced_class_weights(labels.numpy(), num_classes) if cfg.train.class_weighting else None
+    with torch.no_grad():
+        features = head.standardise(torch.from_numpy(table["features"][rows]))
+    if cfg.head.hidden_sizes:
+        strength = choose_strength(features, labels, groups, cfg.train.cv_folds, weights, cfg.train.seed)
+    fold = torch.from_numpy(fold_of_each_row(labels.numpy(), groups, folds, cfg.train.seed))
+    models = FoldModels(features, labels, fold, weights, num_classes)
+    models.fit(strength, cfg.train.max_iterations)
+    originals = table["copy"][rows] == ""
+    return HeldOut(rows[originals], models.held_out_logits()[originals], labels[originals])
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T that minimises the log-loss of softmax(logits / T) on held-out images."""
+    log_temperature = torch.zeros((), requires_grad=True)  # T = e^x stays positive
+
+    def loss() -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits / log_temperature.exp(), labels)
+
+    minimise([log_temperature], loss, 50)
+    return float(log_temperature.detach().exp())
+
+
+def rejection_threshold(confidences: np.ndarray, keep: float) -> float:
+    """The confidence that `keep` of the held-out images reach (0 when keep is 1: none rejected)."""
+    if keep >= 1 or len(confidences) == 0:
+        return 0.0
+    return float(np.quantile(confidences, 1 - keep, method="lower"))
+
+
+def held_out_for_calibration(
+    cfg: DictConfig, table: FeatureTable, head: ClassifierHead, strength: float
+) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """Uncalibrated logits of held-out images, their labels and what they are.
+
+    The logistic head's out-of-fold models are the head itself trained on less; an
+    MLP's are not, so an MLP is calibrated on its own logits of the validation images."""
+    if not cfg.head.hidden_sizes:
+        held_out = out_of_fold(cfg, table, head, strength)
+        if held_out is not None:
+            return (
+                held_out.logits,
+                held_out.labels,
+                f"{len(held_out.rows)} training and validation images, out of fold",
+            )
+        return None
+    rows = np.flatnonzero((table["split"] == "validation") & (table["copy"] == ""))
+    if len(rows) == 0:
+        return None
+    with torch.no_grad():
+        logits = head(torch.from_numpy(table["features"][rows]))  # temperature still 1
+    return logits, torch.from_numpy(table["label_index"][rows]), f"{len(rows)} validation images"
+
+
+def calibrate(cfg: DictConfig, table: FeatureTable, head: ClassifierHead, strength: float) -> dict:
+    """Set the head's temperature and return the calibration the checkpoint keeps:
+    temperature, rejection_threshold, keep, fitted_on."""
+    held_out = held_out_for_calibration(cfg, table, head, strength)
+    if held_out is None:
+        log.warning("no held-out images to calibrate on: temperature 1, no rejection threshold")
+        return {"temperature": 1.0, "rejection_threshold": 0.0, "keep": 1.0, "fitted_on": "nothing"}
+    logits, labels, fitted_on = held_out
+    setting = cfg.calibrate.temperature
+    temperature = fit_temperature(logits, labels) if setting == "auto" else float(setting)
+    head.temperature.fill_(temperature)
+    confidences = (logits / temperature).softmax(dim=1).max(dim=1).values.numpy()
+    threshold = rejection_threshold(confidences, cfg.calibrate.keep)
+    log.info(
+        "temperature %.3f and rejection threshold %.3f (keeps %.0f %%) from %s",
+        temperature,
+        threshold,
+        100 * cfg.calibrate.keep,
+        fitted_on,
+    )
+    return {
+        "temperature": temperature,
+        "rejection_threshold": threshold,
+        "keep": float(cfg.calibrate.keep),
+        "fitted_on": fitted_on,
+    }
