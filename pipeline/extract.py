@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> None:
-    table = build_table(cfg, load_split(cfg.paths.split))
+    table = build_table(cfg, load_split(cfg.paths.split, cfg.paths.split_table))
     save_table(cfg.paths.features, table)
     log.info(
         "%d feature vectors of dimension %d (%s), %d of them augmented copies",

@@ -1,7 +1,8 @@
 """Stage `split`: which images train, which validate, which test (README "The stages").
 
-The split is committed to git: reviewable, and the memory that keeps old images
-where they were when new ones arrive (pipeline/data/splitting.py).
+Its summary is committed to git, reviewable; its per-image table is tracked by DVC
+and is the memory that keeps old images where they were when new ones arrive
+(pipeline/data/split_file.py, pipeline/data/splitting.py).
 """
 
 import logging
@@ -32,7 +33,7 @@ def run(cfg: DictConfig) -> None:
     train_dir = Path(cfg.data.train_dir)
     if not train_dir.is_dir():
         raise DataError(f"training folder not found: {train_dir}")
-    last = previous_split(cfg.paths.split)
+    last = previous_split(cfg.paths.split, cfg.paths.split_table)
     verified = previously_verified(last)
     train, skipped = scan_labelled_folder(train_dir, cfg.data.max_image_pixels, verified)
     check_label_folders(train_dir, train)
@@ -50,7 +51,7 @@ def run(cfg: DictConfig) -> None:
     report = data_report(split)
     for name, labels in report["images"].items():
         log.info("%s: %s", name, ", ".join(f"{label} {n}" for label, n in labels.items()))
-    save_split(cfg.paths.split, split)
+    save_split(cfg.paths.split, cfg.paths.split_table, split)
     write_json(cfg.paths.data_report, report)
 
 

@@ -53,10 +53,15 @@ def write_image(path: Path, colour: tuple[int, int, int], seed: int, size: int =
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
-def make_dataset(root: Path, per_label: int, labels=tuple(COLOURS), start: int = 0) -> list[Path]:
+def make_dataset(
+    root: Path, per_label: int, labels=tuple(COLOURS), start: int = 0, size: int = 320
+) -> list[Path]:
     return [
         write_image(
-            root / label / f"{label}_{i}.png", COLOURS[label], seed=zlib.crc32(f"{label}-{i}".encode())
+            root / label / f"{label}_{i}.png",
+            COLOURS[label],
+            seed=zlib.crc32(f"{label}-{i}".encode()),
+            size=size,
         )
         for label in labels
         for i in range(start, start + per_label)

@@ -144,10 +144,10 @@ def test_data_warnings_follow_create_ml(cfg_factory, tmp_path):
     (tmp_path / "train" / "many" / "again.png").write_bytes((tmp_path / "train/many/1.png").read_bytes())
     cfg = cfg_factory(f"data.train_dir={tmp_path / 'train'}", f"data.test_dir={tmp_path / 'test'}")
     split.run(cfg)
-    warnings = load_split(cfg.paths.split)["warnings"]
+    warnings = load_split(cfg.paths.split, cfg.paths.split_table)["warnings"]
     assert any("'few' has only 3 training images" in w for w in warnings)
     assert any("unbalanced" in w and "'many' has 41" in w for w in warnings)
-    assert any("200x400: under 299 px" in w for w in warnings)
+    assert any("images are under 299 px" in w and "(200x400)" in w for w in warnings)
     assert any("in train and test" in w and "copy.png" in w for w in warnings)
     assert any("in label 'many' more than once" in w and "again.png" in w for w in warnings)
 

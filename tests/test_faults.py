@@ -269,7 +269,7 @@ def test_retrain_while_dvc_is_busy_exits_75(demo_project, tmp_path):
 def test_a_failed_write_leaves_the_previous_split_whole(extracted, tmp_path, monkeypatch):
     """A truncated split.json once broke every later run, even after the cause was gone."""
     cfg = extracted
-    kept = Path(cfg.paths.split).read_bytes()
+    kept = Path(cfg.paths.split).read_bytes(), Path(cfg.paths.split_table).read_bytes()
     write_image(tmp_path / "data/train/red/late.png", (200, 40, 40), seed=99)
 
     def no_rename(self, target):
@@ -279,7 +279,7 @@ def test_a_failed_write_leaves_the_previous_split_whole(extracted, tmp_path, mon
     with pytest.raises(OSError):
         split.run(cfg)
     monkeypatch.undo()
-    assert Path(cfg.paths.split).read_bytes() == kept
+    assert (Path(cfg.paths.split).read_bytes(), Path(cfg.paths.split_table).read_bytes()) == kept
     assert not list(Path(cfg.paths.split).parent.glob(".*.tmp"))  # no half-written file left behind
 
 

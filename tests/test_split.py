@@ -13,11 +13,10 @@ from pipeline.data.splitting import auto_validation_fraction
 
 def make_split(cfg, remember_last: bool = False) -> dict:
     """The split stage's output; from scratch unless `remember_last`."""
-    path = Path(cfg.paths.split)
     if not remember_last:
-        path.unlink(missing_ok=True)
+        Path(cfg.paths.split_table).unlink(missing_ok=True)
     split_stage.run(cfg)
-    return load_split(path)
+    return load_split(cfg.paths.split, cfg.paths.split_table)
 
 
 def splits_by_path(split: dict) -> dict[str, str]:

@@ -4,6 +4,7 @@ leakage, calibrated confidence inside the exported models, and "unknown"."""
 import csv
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -163,3 +164,15 @@ def test_predict_answers_unknown_more_often_for_categories_the_model_never_saw(d
     # Weakly: on the demo's broad labels, clip art of other categories often looks like
     # one of them (bench/rejection.py measures how often; README "Can I trust it?").
     assert rejected > 1 - kept
+
+
+@pytest.mark.slow
+def test_each_confusion_matrix_cell_opens_its_images(demo_project):
+    page = (demo_project / "reports/report.html").read_text(encoding="utf-8")
+    counts = dict(re.findall(r'<a href="#(cell-\d+-\d+)">(\d+)</a>', page))
+    test_images = len(list((demo_project / "data/demo/test").rglob("*.jpg")))
+    assert sum(map(int, counts.values())) == test_images
+    for cell, count in counts.items():
+        panel = re.search(rf'<div class="cell" id="{cell}">(.*?)</div></div>', page, re.S)
+        assert panel is not None, cell
+        assert panel.group(1).count("<img") == min(int(count), 24)

@@ -31,10 +31,15 @@ def imbalance(train: list[LabelledImage]) -> list[str]:
 
 
 def small_images(images: list[LabelledImage]) -> list[str]:
+    """One warning for all of them: one per image made the split's summary grow with
+    the data (every size is in the split's table)."""
+    small = [image for image in images if min(image.width, image.height) < MIN_SIDE]
+    if not small:
+        return []
+    examples = ", ".join(f"{image.path} ({image.width}x{image.height})" for image in small[:3])
     return [
-        f"{image.path} is {image.width}x{image.height}: under {MIN_SIDE} px, detail is lost"
-        for image in images
-        if min(image.width, image.height) < MIN_SIDE
+        f"{len(small)} images are under {MIN_SIDE} px, so detail is lost: {examples}"
+        + (", ..." if len(small) > 3 else "")
     ]
 
 

@@ -1,13 +1,28 @@
-"""The split's file, `artifacts/split.json`: its typed schema, save and load
-(README "The stages"). Written by `split`, read by `extract` and the Python API."""
+"""The split's files (README "The stages"): its typed schema, save and load.
+Written by `split`, read by `extract` and the next `split`.
+
+Two files, so that nothing in git grows with the number of images:
+- the table, `artifacts/split.parquet`: one row per image (path, label, content
+  hash, size, split), tracked by DVC; it is also the memory that keeps old images
+  in their split as new ones arrive;
+- the summary, `artifacts/split.json`, in git: the settings, images per split and
+  label, the table's hash, and the first skipped files and warnings with the count
+  of the rest. Its diff in a pull request shows what a data change did.
+"""
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TypedDict
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline.data.images import DataError
-from pipeline.project.files import write_json
+from pipeline.project.files import write_atomically, write_json
+
+LISTED = 20  # skipped files and warnings the summary and the data report list; the log has all
 
 
 class SplitRow(TypedDict):
@@ -33,30 +48,95 @@ class Split(TypedDict):
     warnings: list[str]
 
 
-def save_split(path: str | Path, split: Split) -> None:
-    write_json(path, split)
-
-
-def load_split(path: str | Path) -> Split:
-    """The split at `path`; a DataError naming the file when it is not one."""
-    try:
-        split = json.loads(Path(path).read_text(encoding="utf-8"))
-        missing = set(Split.__annotations__) - set(split)
-        row_fields = set(SplitRow.__annotations__)
-        if missing or any(not row_fields <= set(row) for row in split["images"]):
-            raise ValueError(f"missing fields {sorted(missing) or sorted(row_fields)}")
-    except FileNotFoundError:
-        raise DataError(f"{path} not found: run the split stage first (dvc repro)") from None
-    except (ValueError, TypeError, KeyError) as error:
-        raise DataError(f"{path} is not a split file ({error}): delete it and run dvc repro") from None
-    return split
+TABLE_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("split", pa.string()),
+    ]
+)
 
 
 def split_digest(split: Split) -> str:
-    """What the feature table and the checkpoint record of the split they came from."""
+    """What the summary, the feature table and the checkpoint record of the split."""
     return hashlib.sha256(json.dumps(split["images"], sort_keys=True).encode()).hexdigest()
 
 
-def previous_split(path: str | Path) -> Split | None:
-    """The last split at `path`, if there is one."""
-    return load_split(path) if Path(path).is_file() else None
+def counts(split: Split) -> dict[str, dict[str, int]]:
+    """Images per split and label."""
+    per_split: dict[str, dict[str, int]] = {}
+    for (name, label), n in sorted(Counter((r["split"], r["label"]) for r in split["images"]).items()):
+        per_split.setdefault(name, {})[label] = n
+    return per_split
+
+
+def first(items: list, name: str) -> dict:
+    """A list cut to its first LISTED items, with the count of all of them."""
+    return {name: items[:LISTED], f"{name}_count": len(items)}
+
+
+def summary(split: Split) -> dict:
+    return {
+        "labels": split["labels"],
+        "validation_fraction": split["validation_fraction"],
+        "seed": split["seed"],
+        "images": counts(split),
+        "table_sha256": split_digest(split),
+        **first(split["skipped"], "skipped"),
+        **first(split["warnings"], "warnings"),
+    }
+
+
+def save_split(summary_path: str | Path, table_path: str | Path, split: Split) -> None:
+    """The table first: a summary always names a table that is whole."""
+    table = pa.Table.from_pylist(split["images"], schema=TABLE_SCHEMA)
+    table = table.replace_schema_metadata(
+        {"skipped": json.dumps(split["skipped"]), "warnings": json.dumps(split["warnings"])}
+    )
+    write_atomically(table_path, lambda temporary: pq.write_table(table, temporary))
+    write_json(summary_path, summary(split))
+
+
+def load_split(summary_path: str | Path, table_path: str | Path) -> Split:
+    """The split; a DataError naming the file when it is missing, damaged, or the
+    table is not the one the summary describes."""
+    try:
+        about = json.loads(Path(summary_path).read_text(encoding="utf-8"))
+        table = pq.read_table(table_path)
+        if not table.schema.remove_metadata().equals(TABLE_SCHEMA):
+            raise ValueError("unexpected columns")
+        extra = table.schema.metadata or {}
+        split = Split(
+            labels=about["labels"],
+            validation_fraction=about["validation_fraction"],
+            seed=about["seed"],
+            images=table.to_pylist(),
+            skipped=json.loads(extra.get(b"skipped", b"[]")),
+            warnings=json.loads(extra.get(b"warnings", b"[]")),
+        )
+    except FileNotFoundError as error:
+        raise DataError(
+            f"{error.filename or table_path} not found: run the split stage (dvc repro)"
+        ) from None
+    except (ValueError, TypeError, KeyError, OSError, pa.ArrowException) as error:
+        reason = type(error).__name__
+        raise DataError(
+            f"{summary_path} or {table_path} is damaged ({reason}): delete both and run dvc repro"
+        ) from None
+    if split_digest(split) != about["table_sha256"]:
+        raise DataError(
+            f"{table_path} is not the table {summary_path} describes: "
+            "dvc checkout (or dvc pull) it, or delete both and run dvc repro"
+        )
+    return split
+
+
+def previous_split(summary_path: str | Path, table_path: str | Path) -> Split | None:
+    """The last split, if there is one (a missing table, as on a clone before
+    `dvc pull`, means a split from scratch)."""
+    if not (Path(summary_path).is_file() and Path(table_path).is_file()):
+        return None
+    return load_split(summary_path, table_path)

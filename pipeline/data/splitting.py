@@ -1,16 +1,15 @@
 """Which images train, which validate, which test (README "The stages").
 
 Images are identified by content hash, so renaming or moving a file changes
-nothing and duplicates of one image always land together. The last split is the
-memory that keeps old images where they were when new ones arrive.
+nothing and duplicates of one image always land together. The last split's table
+is the memory that keeps old images where they were when new ones arrive.
 """
 
 import hashlib
-from collections import Counter
 
 from pipeline.data.checks import data_warnings
 from pipeline.data.images import DataError, LabelledImage, Skipped
-from pipeline.data.split_file import Split, SplitRow
+from pipeline.data.split_file import Split, SplitRow, counts, first
 
 
 def auto_validation_fraction(n_images: int) -> float:
@@ -116,9 +115,10 @@ def make_split(
 
 
 def data_report(split: Split) -> dict:
-    """Image counts per split and label, skipped files and warnings: reports/data_report.json."""
-    counts = Counter((row["split"], row["label"]) for row in split["images"])
-    per_split: dict[str, dict[str, int]] = {}
-    for (name, label), n in sorted(counts.items()):
-        per_split.setdefault(name, {})[label] = n
-    return {"images": per_split, "skipped": split["skipped"], "warnings": split["warnings"]}
+    """reports/data_report.json: images per split and label, and the first skipped
+    files and warnings with the count of each (the log lists them all)."""
+    return {
+        "images": counts(split),
+        **first(split["skipped"], "skipped"),
+        **first(split["warnings"], "warnings"),
+    }

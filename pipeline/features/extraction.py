@@ -242,7 +242,7 @@ def features_for(cfg: DictConfig) -> FeatureTable:
     extracting what is missing, so `python -m pipeline.train +extractor=v2`
     works before any v2 extraction ran.
     """
-    path, split = Path(cfg.paths.features), load_split(cfg.paths.split)
+    path, split = Path(cfg.paths.features), load_split(cfg.paths.split, cfg.paths.split_table)
     if path.exists():
         try:
             table = load_table(path)

@@ -1,0 +1,48 @@
+"""Growing data (README "The stages"): what git holds does not grow with the number
+of images; the per-image files are DVC's."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import fresh_clone, make_dataset, run
+
+DATA = "data/synthetic"
+
+
+def files_in_git(project: Path) -> dict[str, int]:
+    """What `git add -A` would commit after a run, the user's images left out (a
+    team puts those in DVC with `dvc add`): path -> bytes."""
+    listed = run(["git", "ls-files", "-co", "--exclude-standard"], project).stdout.split("\n")
+    return {
+        name: (project / name).stat().st_size
+        for name in filter(None, listed)
+        if not name.startswith(DATA) and (project / name).is_file()
+    }
+
+
+def repro_on(project: Path, per_label: int) -> dict[str, int]:
+    make_dataset(project / DATA / "train", per_label=per_label, size=64)
+    (project / DATA / "test").mkdir()  # no test images: an empty folder, for DVC to depend on
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.params",
+            f"data.train_dir={DATA}/train",
+            f"data.test_dir={DATA}/test",
+        ],
+        project,
+    )
+    run(["dvc", "repro"], project)
+    return files_in_git(project)
+
+
+@pytest.mark.slow
+def test_files_in_git_do_not_grow_with_the_number_of_images(tmp_path):
+    small = repro_on(fresh_clone(tmp_path / "small"), per_label=67)  # 201 images
+    large = repro_on(fresh_clone(tmp_path / "large"), per_label=667)  # 2,001 images
+    assert set(small) == set(large)
+    grown = {name: large[name] - small[name] for name in small if abs(large[name] - small[name]) > 512}
+    assert sum(large.values()) - sum(small.values()) < 4096, grown
+    assert (tmp_path / "large/artifacts/split.parquet").stat().st_size > 50_000  # the table is not in git
