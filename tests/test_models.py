@@ -66,6 +66,7 @@ def hand_made_checkpoint(
         mlflow_run_id=new_run_id(cfg),
         trained_at=datetime.now(UTC).isoformat(),
         regularization=1e-3,
+        calibration={"temperature": 1.0, "rejection_threshold": 0.0, "keep": 1.0, "fitted_on": "nothing"},
         state_dict=head.state_dict(),
     )
 

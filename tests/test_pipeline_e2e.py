@@ -92,8 +92,8 @@ def test_augmentations_rerun_extract_onward_and_keep_validation_accuracy(demo_pr
     assert after["validation"]["accuracy"] >= before["validation"]["accuracy"]
     with open(project / "reports/predictions.csv", encoding="utf-8") as file:
         paths = [row["path"] for row in csv.DictReader(file)]
-    split = json.loads((project / "artifacts/split.json").read_text())
-    assert len(paths) == len(set(paths)) == len(split["images"])  # the originals only
+    counts = json.loads((project / "artifacts/split.json").read_text())["images"]
+    assert len(paths) == len(set(paths)) == sum(n for labels in counts.values() for n in labels.values())
 
 
 def test_learning_rate_change_reruns_train_onward(project):

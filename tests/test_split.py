@@ -52,6 +52,27 @@ def test_new_images_never_move_existing_ones(cfg_factory, tmp_path):
     assert list(after.values()).count("validation") == round(0.2 * 60) * 3
 
 
+def test_growing_past_create_mls_threshold_never_moves_a_training_image_into_validation(
+    cfg_factory, tmp_path
+):
+    make_dataset(tmp_path / "train", per_label=45)  # 135 images: auto gives 10 %
+    cfg = cfg_factory(f"data.train_dir={tmp_path / 'train'}", "data.test_dir=null")
+    before = make_split(cfg)
+    make_dataset(tmp_path / "train", per_label=25, start=45)  # 210 images: auto gives 5 %
+    after = make_split(cfg, remember_last=True)
+    assert (before["validation_fraction"], after["validation_fraction"]) == (0.1, 0.05)
+    now = splits_by_path(after)
+    assert all(now[path] == "train" for path, split in splits_by_path(before).items() if split == "train")
+    per_label = {}
+    for row in after["images"]:
+        per_label.setdefault(row["label"], []).append(row["split"])
+    assert {label: s.count("validation") for label, s in per_label.items()} == {
+        "red": 4,
+        "green": 4,
+        "blue": 4,
+    }
+
+
 def test_split_is_reproducible_and_ignores_names(cfg_factory, tmp_path):
     paths = make_dataset(tmp_path / "train", per_label=30)
     cfg = cfg_factory(f"data.train_dir={tmp_path / 'train'}", "data.test_dir=null", "split.validation=0.3")

@@ -41,6 +41,7 @@ class SkippedFile(TypedDict):
 
 class Split(TypedDict):
     labels: list[str]
+    validation_setting: str | float  # split.validation: auto or a fraction
     validation_fraction: float
     seed: int
     images: list[SplitRow]
@@ -81,6 +82,7 @@ def first(items: list, name: str) -> dict:
 def summary(split: Split) -> dict:
     return {
         "labels": split["labels"],
+        "validation_setting": split["validation_setting"],
         "validation_fraction": split["validation_fraction"],
         "seed": split["seed"],
         "images": counts(split),
@@ -111,6 +113,7 @@ def load_split(summary_path: str | Path, table_path: str | Path) -> Split:
         extra = table.schema.metadata or {}
         split = Split(
             labels=about["labels"],
+            validation_setting=about["validation_setting"],
             validation_fraction=about["validation_fraction"],
             seed=about["seed"],
             images=table.to_pylist(),

@@ -38,25 +38,28 @@ def choose_validation(
 ) -> set[str]:
     """Content hashes of the validation images: per label, round(fraction * n) of them.
 
-    Images already assigned in `previous` (sha256 -> split) keep their split, so
-    adding images never moves old ones; new images fill each label's quota in
-    hash order, which makes a split from scratch reproducible too.
+    A training image in `previous` (sha256 -> split) stays in training, so adding
+    images never moves one into validation, even when Create ML's rule lowers the
+    fraction as the set grows; a smaller quota returns validation images to
+    training. New images fill each label's quota in hash order, which makes a split
+    from scratch reproducible too.
     """
     chosen = set()
     for label in sorted({image.label for image in train}):
         shas = sorted(
             {i.sha256 for i in train if i.label == label}, key=lambda s: hash_unit_interval(s, seed)
         )
-        kept = [sha for sha in shas if previous.get(sha) == "validation"]
+        quota = round(fraction * len(shas))
+        kept = [sha for sha in shas if previous.get(sha) == "validation"][:quota]
         new = [sha for sha in shas if sha not in previous]
-        missing = max(0, round(fraction * len(shas)) - len(kept))
-        chosen.update(kept + new[:missing])
+        chosen.update(kept + new[: quota - len(kept)])
     return chosen
 
 
-def previous_assignments(last: Split | None, fraction: float, seed: int) -> dict[str, str]:
-    """The last split's sha256 -> split, if it was made with the same settings."""
-    if last is None or last["validation_fraction"] != fraction or last["seed"] != seed:
+def previous_assignments(last: Split | None, setting: str | float, seed: int) -> dict[str, str]:
+    """The last split's sha256 -> split, if it was made with the same settings (a new
+    `split.validation` or `split.seed` asks for a new split)."""
+    if last is None or last["validation_setting"] != setting or last["seed"] != seed:
         return {}
     return {row["sha256"]: row["split"] for row in last["images"] if row["split"] != "test"}
 
@@ -100,10 +103,12 @@ def make_split(
         validation = [image for image in validation if image.label in labels]
     else:
         fraction = validation_fraction(validation_setting, len(train))
-        chosen = choose_validation(train, fraction, seed, previous_assignments(last, fraction, seed))
+        previous = previous_assignments(last, validation_setting, seed)
+        chosen = choose_validation(train, fraction, seed, previous)
         validation = []
     return Split(
         labels=labels,
+        validation_setting=validation_setting,
         validation_fraction=fraction,
         seed=seed,
         images=rows(train, lambda i: "validation" if i.sha256 in chosen else "train")
