@@ -12,6 +12,7 @@ Two files, so that nothing in git grows with the number of images:
 
 import hashlib
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import TypedDict
@@ -21,6 +22,8 @@ import pyarrow.parquet as pq
 
 from pipeline.data.images import DataError
 from pipeline.project.files import write_atomically, write_json
+
+log = logging.getLogger(__name__)
 
 LISTED = 20  # skipped files and warnings the summary and the data report list; the log has all
 
@@ -138,8 +141,16 @@ def load_split(summary_path: str | Path, table_path: str | Path) -> Split:
 
 
 def previous_split(summary_path: str | Path, table_path: str | Path) -> Split | None:
-    """The last split, if there is one (a missing table, as on a clone before
-    `dvc pull`, means a split from scratch)."""
+    """The last split, if there is one and it can be read. Without it the split is
+    made from scratch, which is safe: in content-hash order, no training image moves
+    into validation (pipeline/data/splitting.py). A missing table is a clone before
+    `dvc pull`; an unreadable one, a damaged file or an older version's."""
     if not (Path(summary_path).is_file() and Path(table_path).is_file()):
         return None
-    return load_split(summary_path, table_path)
+    try:
+        return load_split(summary_path, table_path)
+    except DataError:  # its message would say to delete the files: this run replaces them
+        log.warning(
+            "the last split (%s, %s) cannot be read: splitting from scratch", summary_path, table_path
+        )
+        return None
