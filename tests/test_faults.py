@@ -283,6 +283,15 @@ def test_a_failed_write_leaves_the_previous_split_whole(extracted, tmp_path, mon
     assert not list(Path(cfg.paths.split).parent.glob(".*.tmp"))  # no half-written file left behind
 
 
+def test_a_damaged_last_split_means_a_split_from_scratch(extracted, caplog):
+    cfg = extracted
+    kept = Path(cfg.paths.split_table).read_bytes()
+    Path(cfg.paths.split_table).write_bytes(kept[: len(kept) // 2])
+    split.run(cfg)
+    assert "cannot be read: splitting from scratch" in caplog.text
+    assert Path(cfg.paths.split_table).read_bytes() == kept  # the same split, made again
+
+
 def test_a_file_name_that_is_not_utf8_is_skipped_and_named(tmp_path):
     make_dataset(tmp_path / "data/train", per_label=4)
     odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old camera or zip tool writes them
