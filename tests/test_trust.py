@@ -18,6 +18,7 @@ from conftest import REPO, with_exported_v1
 from PIL import Image
 
 from pipeline import evaluate, extract, split, train
+from pipeline.evaluation.metrics import calibration_error
 from pipeline.features.table import load_table, originals
 from pipeline.model.calibration import fit_temperature, rejection_threshold
 from pipeline.model.checkpoint import load_checkpoint
@@ -176,3 +177,15 @@ def test_each_confusion_matrix_cell_opens_its_images(demo_project):
         panel = re.search(rf'<div class="cell" id="{cell}">(.*?)</div></div>', page, re.S)
         assert panel is not None, cell
         assert panel.group(1).count("<img") == min(int(count), 24)
+
+
+def test_calibration_error_is_torchmetrics_definition():
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.full(4, 0.5), 500).astype(np.float32)
+    truth = rng.integers(0, 4, 500)
+    expected = multiclass_calibration_error(
+        torch.from_numpy(probabilities), torch.from_numpy(truth), 4, n_bins=15
+    )
+    assert calibration_error(probabilities, truth) == pytest.approx(float(expected), abs=1e-6)

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
+from pipeline.evaluation.metrics import reliability_bins
+
 
 def plot_confusion(rows: list[dict], labels: list[str], split: str, path: Path) -> None:
     chosen = [row for row in rows if row["split"] == split]
@@ -57,10 +59,8 @@ def plot_reliability(rows: list[dict], split: str, errors: tuple[float, float], 
     chosen = [row for row in rows if row["split"] == split]
     confidence = np.array([float(r["confidence"]) for r in chosen])
     correct = np.array([r["actual"] == r["predicted"] for r in chosen])
+    counts, _, accuracy = reliability_bins(confidence, correct, 10)
     edges = np.linspace(0, 1, 11)
-    bins = np.clip(np.digitize(confidence, edges) - 1, 0, 9)
-    counts = np.bincount(bins, minlength=10)
-    accuracy = np.bincount(bins, weights=correct, minlength=10) / np.maximum(counts, 1)
     figure, axes = plt.subplots(figsize=(5, 5))
     axes.bar(edges[:-1], accuracy, width=0.1, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
     axes.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
