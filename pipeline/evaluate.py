@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> None:
             cfg.paths.near_duplicates,
             cfg.paths.outliers,
         ):
-            mlflow.log_artifact(path)
+            tracking.log_capped_artifact(path)
         mlflow.log_artifacts(str(plots), "plots")
         log.info("accuracy: %s", ", ".join(f"{split} {m['accuracy']:.3f}" for split, m in metrics.items()))
         log.info("report: %s", cfg.paths.report)

@@ -26,12 +26,17 @@ from pipeline.model.regularization import (
     choose_strength,
     fold_of_each_row,
     minimise,
+    sample_of_groups,
     usable_folds,
 )
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_SPLITS = ("train", "validation")
+# Past this many images (augmented copies included) the out-of-fold models train
+# on a stratified sample of whole images: a temperature is one number, and five
+# models over a million feature vectors would cost minutes where 20,000 cost seconds.
+MAX_HELD_OUT_ROWS = 20_000
 
 
 @dataclass
@@ -44,13 +49,17 @@ class HeldOut:
 def out_of_fold(
     cfg: DictConfig, table: FeatureTable, head: ClassifierHead, strength: float
 ) -> HeldOut | None:
-    """Out-of-fold logits of every train and validation image (None when a label has
-    fewer than two images to fold). `strength` is the logistic L2 strength: the
-    head's own for a logistic head; an MLP's is no logistic one, so it is chosen here."""
+    """Out-of-fold logits of every train and validation image, or of a sample of
+    MAX_HELD_OUT_ROWS of them in a larger set (None when a label has fewer than two
+    images to fold). `strength` is the logistic L2 strength: the head's own for a
+    logistic head; an MLP's is no logistic one, so it is chosen here."""
     rows = np.flatnonzero(np.isin(table["split"], HELD_OUT_SPLITS))
     rows = rows[np.lexsort((table["copy"][rows], table["sha256"][rows]))]  # as training orders them
-    labels = torch.from_numpy(table["label_index"][rows])
     groups = table["sha256"][rows]  # an image and its augmented copies share a fold
+    sample = sample_of_groups(table["label_index"][rows], groups, MAX_HELD_OUT_ROWS, cfg.train.seed)
+    # the penalty is on the mean loss: the same prior over fewer images is a larger strength
+    strength, rows, groups = strength * len(rows) / len(sample), rows[sample], groups[sample]
+    labels = torch.from_numpy(table["label_index"][rows])
     folds = usable_folds(labels.numpy(), groups, cfg.train.cv_folds)
     if folds < 2:
         return None

@@ -7,15 +7,19 @@ process id of its stage, which the next stage that starts marks KILLED: no broke
 run is ever shown FINISHED.
 """
 
+import logging
 import os
 import socket
 import subprocess
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.images import SettingError
+
+log = logging.getLogger(__name__)
 
 # MLflow retries an unreachable server 7 times with backoff (4.6 minutes here before a
 # traceback); a stage should say in seconds that the server does not answer. The
@@ -73,6 +77,20 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+# Per-image files grow with the data (predictions.csv is about 87 MB at a million
+# images); every run would store another copy. DVC keeps them; MLflow gets the
+# metrics and the files up to this size.
+MAX_LOGGED_BYTES = 10 * 2**20
+
+
+def log_capped_artifact(path: str) -> None:
+    size = Path(path).stat().st_size
+    if size <= MAX_LOGGED_BYTES:
+        mlflow.log_artifact(path)
+    else:
+        log.info("not logged to MLflow: %s (%.0f MB; DVC tracks it)", path, size / 2**20)
 
 
 def mark_killed_runs(experiment_id: str) -> None:
