@@ -10,9 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.data.images import DataError, LabelledImage, scan_labelled_folder
+from pipeline.data.images import DataError, LabelledImage
+from pipeline.data.manifest import images_in, is_manifest
 from pipeline.data.split_file import previous_split, save_split
-from pipeline.data.splitting import data_report, make_split, previously_verified
+from pipeline.data.splitting import check_trainable, data_report, make_split, previously_verified
 from pipeline.project.config import stage_entry
 from pipeline.project.files import write_json
 
@@ -31,17 +32,19 @@ def check_label_folders(train_dir: Path, train: list[LabelledImage]) -> None:
 
 def run(cfg: DictConfig) -> None:
     train_dir = Path(cfg.data.train_dir)
-    if not train_dir.is_dir():
+    if not (train_dir.is_dir() or is_manifest(train_dir)):
         raise DataError(f"training folder not found: {train_dir}")
     last = previous_split(cfg.paths.split, cfg.paths.split_table)
     verified = previously_verified(last)
-    train, skipped = scan_labelled_folder(train_dir, cfg.data.max_image_pixels, verified)
-    check_label_folders(train_dir, train)
+    train, skipped = images_in(train_dir, cfg.data.max_image_pixels, verified)
+    if is_manifest(train_dir):
+        check_trainable(train, str(train_dir))
+    else:
+        check_label_folders(train_dir, train)
     test = []
-    if cfg.data.test_dir and Path(cfg.data.test_dir).is_dir():
-        test, skipped_test = scan_labelled_folder(
-            Path(cfg.data.test_dir), cfg.data.max_image_pixels, verified
-        )
+    test_dir = Path(cfg.data.test_dir) if cfg.data.test_dir else None
+    if test_dir and (test_dir.is_dir() or is_manifest(test_dir)):
+        test, skipped_test = images_in(test_dir, cfg.data.max_image_pixels, verified)
         skipped += skipped_test
     split = make_split(train, test, skipped, cfg.split.validation, cfg.split.seed, last)
     for item in split["skipped"]:
