@@ -354,7 +354,7 @@ def main() -> None:
         print("   (--quick: the bars are meant for the 2000-image set)")
 
     print("\n2. the head's training on the project's features, against scikit-learn, in this process")
-    head_against_sklearn(project / "artifacts/features.npz", args.threads)
+    head_against_sklearn(project / "artifacts/features", args.threads)
 
 
 if __name__ == "__main__":

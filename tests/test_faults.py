@@ -165,13 +165,15 @@ def test_a_cache_file_that_is_not_sqlite_is_set_aside_and_rebuilt(extracted, cap
     assert same_features(cfg, clean)
 
 
-def test_damaged_feature_table_names_the_file(extracted):
+@pytest.mark.parametrize("part", ["index.parquet", "shards"])
+def test_damaged_feature_table_names_the_file(extracted, part):
     cfg = extracted
-    features = cfg.paths.features
-    with open(features, "r+b") as file:
+    store = Path(cfg.paths.features)
+    damaged = store / part if part == "index.parquet" else next((store / part).iterdir())
+    with open(damaged, "r+b") as file:
         file.truncate(100)
-    with pytest.raises(DataError, match=f"{features} is damaged .*: delete it and run dvc repro"):
-        load_table(features)
+    with pytest.raises(DataError, match=f"{store} is damaged .*: delete it and run dvc repro"):
+        load_table(store)
 
 
 def test_unanswering_tracking_server_fails_the_stage_in_seconds(extracted, tmp_path):

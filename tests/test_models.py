@@ -328,7 +328,7 @@ def test_int8_weights_keep_accuracy(demo_project, tmp_path):
 
 
 def test_lightning_head_matches_sklearn_logistic_regression(demo_project):
-    table = load_table(demo_project / "artifacts/features.npz")
+    table = load_table(demo_project / "artifacts/features")
     train, test = table["split"] == "train", table["split"] == "test"
     sklearn = LogisticRegression(max_iter=5000).fit(table["features"][train], table["label_index"][train])
     reference = sklearn.score(table["features"][test], table["label_index"][test])

@@ -46,3 +46,34 @@ def test_files_in_git_do_not_grow_with_the_number_of_images(tmp_path):
     grown = {name: large[name] - small[name] for name in small if abs(large[name] - small[name]) > 512}
     assert sum(large.values()) - sum(small.values()) < 4096, grown
     assert (tmp_path / "large/artifacts/split.parquet").stat().st_size > 50_000  # the table is not in git
+
+
+def dvc_cache_bytes(project: Path) -> int:
+    return sum(f.stat().st_size for f in (project / ".dvc/cache").rglob("*") if f.is_file())
+
+
+@pytest.mark.slow
+def test_one_percent_more_images_adds_under_five_percent_to_the_dvc_cache(tmp_path):
+    """The data's side of the cache: the split's table and the feature store, which
+    a run extends by shards of the new vectors instead of writing a new copy."""
+    project = fresh_clone(tmp_path / "project")
+    make_dataset(project / DATA / "train", per_label=3334, size=32)  # 10,002 images
+    (project / DATA / "test").mkdir()
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.params",
+            f"data.train_dir={DATA}/train",
+            f"data.test_dir={DATA}/test",
+        ],
+        project,
+    )
+    run(["dvc", "repro", "extract"], project)
+    before = dvc_cache_bytes(project)
+    make_dataset(project / DATA / "train", per_label=34, start=3334, size=32)  # 102 more
+    run(["dvc", "repro", "extract"], project)
+    added = dvc_cache_bytes(project) - before
+    print(f"DVC cache after 10,002 images: {before:,} bytes; 102 more images added {added:,}")
+    assert added <= 0.05 * before, f"{added} bytes added to {before}"
+    assert before > 10_000 * 1280 * 4  # the vectors themselves are in it

@@ -127,7 +127,7 @@ def test_demo_probabilities_are_calibrated_and_the_onnx_model_gives_them(demo_pr
     head, checkpoint = load_checkpoint(demo_project / "models/head.ckpt")
     temperature = checkpoint.calibration["temperature"]
     assert abs(temperature - 1) > 0.01  # otherwise this test could not tell scaled from not
-    table = originals(load_table(demo_project / "artifacts/features.npz"))
+    table = originals(load_table(demo_project / "artifacts/features"))
     test_rows = np.flatnonzero(table["split"] == "test")[::6]
     with torch.no_grad():
         calibrated = head(torch.from_numpy(table["features"][test_rows])).softmax(dim=1).numpy()

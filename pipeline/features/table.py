@@ -1,16 +1,34 @@
-"""The feature table, `artifacts/features.npz`: its typed schema, save and load
-(README "The stages"). One row per image of the split and per augmented copy of a
-training image, in the split's order; `extract` writes it, `train` and `evaluate`
-read it."""
+"""The feature table, `artifacts/features/` (README "The stages"): its typed schema,
+save and load. One row per image of the split and per augmented copy of a training
+image, in the split's order; `extract` writes it, `train` and `evaluate` read it.
 
+On disk it is a store that appends, so that neither the DVC cache nor a `dvc push`
+grows by more than the new images:
+- `shards/<content hash>.parquet`: feature vectors by entry key (the image's
+  content hash, and the copy's). A save writes only the vectors no shard holds yet,
+  as new shards; a shard's name is the hash of its content, so a shard is never
+  rewritten, and one a killed save left half-written is never read (the index is
+  written last, atomically, and names only whole shards).
+- `index.parquet`: the table's rows (path, label, split, content hash, copy) with
+  the shard and row that hold each vector, and the table's description.
+Shards no row refers to any more are deleted after the index is written.
+"""
+
+import hashlib
 import json
 from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.data.images import DataError
 from pipeline.project.files import write_atomically
+
+SHARD_ROWS = 65_536  # vectors per shard: 320 MB of 1280-wide float32 at most
+INDEX = "index.parquet"
+SHARDS = "shards"
 
 
 class TableMeta(TypedDict):
@@ -32,6 +50,7 @@ class FeatureTable(TypedDict):
 
 
 ARRAYS = [name for name in FeatureTable.__annotations__ if name != "meta"]
+ROW_COLUMNS = [name for name in ARRAYS if name != "features"]
 
 
 def originals(table: FeatureTable) -> FeatureTable:
@@ -40,29 +59,85 @@ def originals(table: FeatureTable) -> FeatureTable:
     return FeatureTable(**{name: table[name][keep] for name in ARRAYS}, meta=table["meta"])
 
 
+def entry_keys(table: FeatureTable) -> np.ndarray:
+    """What identifies a vector: the image's content hash, and the copy's key."""
+    return np.array(
+        [
+            sha if not copy else f"{sha}-{copy}"
+            for sha, copy in zip(table["sha256"], table["copy"], strict=True)
+        ]
+    )
+
+
+def shard_keys(store: Path) -> dict[str, tuple[str, int]]:
+    """Entry key -> (shard name, row) of every vector the store holds."""
+    where = {}
+    for shard in sorted((store / SHARDS).glob("*.parquet")):
+        for row, key in enumerate(pq.read_table(shard, columns=["key"])["key"].to_pylist()):
+            where.setdefault(key, (shard.name, row))
+    return where
+
+
+def write_shard(store: Path, keys: list[str], vectors: np.ndarray) -> str:
+    digest = hashlib.sha256("\n".join(keys).encode() + vectors.tobytes()).hexdigest()[:32]
+    name = f"{digest}.parquet"
+    flat = pa.array(vectors.reshape(-1), pa.float32())
+    table = pa.table({"key": keys, "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+    (store / SHARDS).mkdir(parents=True, exist_ok=True)
+    write_atomically(store / SHARDS / name, lambda temporary: pq.write_table(table, temporary))
+    return name
+
+
 def save_table(path: str | Path, table: FeatureTable) -> None:
-    arrays = {name: table[name] for name in ARRAYS}
-    meta = np.array(json.dumps(table["meta"], ensure_ascii=False))
+    store = Path(path)
+    keys = entry_keys(table)
+    where = shard_keys(store) if (store / SHARDS).is_dir() else {}
+    new = [i for i, key in enumerate(keys) if key not in where]
+    for start in range(0, len(new), SHARD_ROWS):
+        rows = new[start : start + SHARD_ROWS]
+        name = write_shard(store, keys[rows].tolist(), table["features"][rows])
+        where.update({keys[i]: (name, offset) for offset, i in enumerate(rows)})
+    located = [where[key] for key in keys]
+    index = pa.table(
+        {
+            **{name: table[name].tolist() for name in ROW_COLUMNS},
+            "shard": [shard for shard, _ in located],
+            "row": [row for _, row in located],
+        }
+    ).replace_schema_metadata({"meta": json.dumps(table["meta"], ensure_ascii=False)})
+    write_atomically(store / INDEX, lambda temporary: pq.write_table(index, temporary))
+    used = {shard for shard, _ in located}
+    for shard in (store / SHARDS).glob("*.parquet"):
+        if shard.name not in used:
+            shard.unlink()  # images gone from the split, or an extractor's old features
 
-    def write(temporary: Path) -> None:
-        with temporary.open("wb") as file:  # a file, not a name: np.savez would append .npz to it
-            np.savez(file, meta=meta, **arrays)
 
-    write_atomically(path, write)
+def gather(store: Path, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
+    """The vectors at (shard, row), in order, reading each shard once (memory-mapped)."""
+    features = np.empty((len(rows), dim), np.float32)
+    for shard in np.unique(shards):
+        wanted = np.flatnonzero(shards == shard)
+        vectors = pq.read_table(store / SHARDS / shard, columns=["vector"], memory_map=True)["vector"]
+        flat = vectors.combine_chunks().values.to_numpy(zero_copy_only=False)
+        features[wanted] = flat.reshape(-1, dim)[rows[wanted]]
+    return features
 
 
 def load_table(path: str | Path) -> FeatureTable:
-    """The table at `path`; a DataError naming the file when it is damaged or not one."""
+    """The table at `path`; a DataError naming the store when it is damaged or not one."""
+    store = Path(path)
     try:
-        with np.load(path) as data:
-            table = FeatureTable(**{name: data[name] for name in ARRAYS}, meta=json.loads(str(data["meta"])))
-    except FileNotFoundError:
-        raise DataError(f"{path} not found: run the extract stage first (dvc repro)") from None
-    except Exception as error:  # numpy and zipfile raise many types for a damaged file
-        raise DataError(f"{path} is damaged ({type(error).__name__}): delete it and run dvc repro") from None
-    rows = len(table["features"])
-    if any(len(table[name]) != rows for name in ARRAYS) or not np.isfinite(table["features"]).all():
-        raise DataError(
-            f"{path} is damaged (uneven columns or non-finite features): delete it and run dvc repro"
-        )
-    return table
+        index = pq.read_table(store / INDEX)
+        meta = json.loads(index.schema.metadata[b"meta"])
+        # strings as numpy's own string type: sorting and comparing object arrays fail or crawl
+        columns = {name: np.asarray(index[name].to_pylist()) for name in [*ROW_COLUMNS, "shard", "row"]}
+        features = gather(store, columns["shard"], columns["row"], int(meta["extractor"]["dim"]))
+    except FileNotFoundError as error:
+        missing = Path(error.filename or store / INDEX)
+        raise DataError(f"{missing} not found: run the extract stage (dvc repro), or dvc pull it") from None
+    except Exception as error:  # pyarrow, json and numpy raise many types for a damaged file
+        raise DataError(f"{store} is damaged ({type(error).__name__}): delete it and run dvc repro") from None
+    if not np.isfinite(features).all():
+        raise DataError(f"{store} is damaged (non-finite features): delete it and run dvc repro")
+    columns["label_index"] = columns["label_index"].astype(np.int64)  # an empty table's is float
+    return FeatureTable(features=features, **{name: columns[name] for name in ROW_COLUMNS}, meta=meta)
