@@ -198,6 +198,17 @@ def test_unanswering_tracking_server_fails_the_stage_in_seconds(extracted, tmp_p
     assert time.monotonic() - started < 60  # imports included; MLflow alone would retry for minutes
 
 
+def test_a_killed_stage_left_a_zombie_counts_as_gone():
+    """Where init reaps no orphans, a stage killed with DVC stays a zombie."""
+    stage = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while tracking.process_alive(stage.pid):  # exited, not yet reaped: a zombie
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert stage.poll() == 0  # it was still there to reap: the check saw a zombie as gone
+    assert tracking.process_alive(os.getpid())
+
+
 def test_runs_of_killed_stages_are_marked_killed(tmp_path):
     cfg = compose_config(f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
     gone = subprocess.Popen(["true"])

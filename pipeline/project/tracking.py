@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.images import SettingError
@@ -70,13 +71,14 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
 
 
 def process_alive(pid: int) -> bool:
+    """A killed stage whose parent (DVC) was killed too may stay a zombie for good
+    where the init process does not reap orphans (some containers): that is gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # someone else's process: alive
+    except psutil.AccessDenied:  # someone else's process: alive
         return True
-    return True
 
 
 # Per-image files grow with the data (predictions.csv is about 87 MB at a million
