@@ -21,19 +21,17 @@ def files_in_git(project: Path) -> dict[str, int]:
     }
 
 
+def synthetic_data(project: Path, per_label: int, size: int) -> None:
+    """`per_label` small images per label in the project's data folder, and no test
+    images (an empty folder, for DVC to depend on), made its data in params.yaml."""
+    make_dataset(project / DATA / "train", per_label=per_label, size=size)
+    (project / DATA / "test").mkdir()
+    params = [f"data.train_dir={DATA}/train", f"data.test_dir={DATA}/test"]
+    run([sys.executable, "-m", "pipeline.params", *params], project)
+
+
 def repro_on(project: Path, per_label: int) -> dict[str, int]:
-    make_dataset(project / DATA / "train", per_label=per_label, size=64)
-    (project / DATA / "test").mkdir()  # no test images: an empty folder, for DVC to depend on
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.params",
-            f"data.train_dir={DATA}/train",
-            f"data.test_dir={DATA}/test",
-        ],
-        project,
-    )
+    synthetic_data(project, per_label, size=64)
     run(["dvc", "repro"], project)
     return files_in_git(project)
 
@@ -57,18 +55,7 @@ def test_one_percent_more_images_adds_under_five_percent_to_the_dvc_cache(tmp_pa
     """The data's side of the cache: the split's table and the feature store, which
     a run extends by shards of the new vectors instead of writing a new copy."""
     project = fresh_clone(tmp_path / "project")
-    make_dataset(project / DATA / "train", per_label=3334, size=32)  # 10,002 images
-    (project / DATA / "test").mkdir()
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.params",
-            f"data.train_dir={DATA}/train",
-            f"data.test_dir={DATA}/test",
-        ],
-        project,
-    )
+    synthetic_data(project, per_label=3334, size=32)  # 10,002 images
     run(["dvc", "repro", "extract"], project)
     before = dvc_cache_bytes(project)
     make_dataset(project / DATA / "train", per_label=34, start=3334, size=32)  # 102 more

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ def splits_by_path(split: dict) -> dict[str, str]:
     return {row["path"]: row["split"] for row in split["images"]}
 
 
+def validation_per_label(split: dict) -> dict[str, int]:
+    return dict(Counter(row["label"] for row in split["images"] if row["split"] == "validation"))
+
+
 def test_auto_fraction_follows_create_ml():
     assert [auto_validation_fraction(n) for n in (10, 49, 50, 199, 200, 5000)] == [0, 0, 0.1, 0.1, 0.05, 0.05]
 
@@ -32,14 +37,7 @@ def test_validation_is_stratified(cfg_factory, tmp_path):
     cfg = cfg_factory(f"data.train_dir={tmp_path / 'train'}", "data.test_dir=null")
     split = make_split(cfg)
     assert split["validation_fraction"] == 0.1  # 120 images
-    per_label = {}
-    for row in split["images"]:
-        per_label.setdefault(row["label"], []).append(row["split"])
-    assert {label: s.count("validation") for label, s in per_label.items()} == {
-        "red": 4,
-        "green": 4,
-        "blue": 4,
-    }
+    assert validation_per_label(split) == {"red": 4, "green": 4, "blue": 4}
 
 
 def test_new_images_never_move_existing_ones(cfg_factory, tmp_path):
@@ -63,14 +61,7 @@ def test_growing_past_create_mls_threshold_never_moves_a_training_image_into_val
     assert (before["validation_fraction"], after["validation_fraction"]) == (0.1, 0.05)
     now = splits_by_path(after)
     assert all(now[path] == "train" for path, split in splits_by_path(before).items() if split == "train")
-    per_label = {}
-    for row in after["images"]:
-        per_label.setdefault(row["label"], []).append(row["split"])
-    assert {label: s.count("validation") for label, s in per_label.items()} == {
-        "red": 4,
-        "green": 4,
-        "blue": 4,
-    }
+    assert validation_per_label(after) == {"red": 4, "green": 4, "blue": 4}
 
 
 def test_split_is_reproducible_and_ignores_names(cfg_factory, tmp_path):
