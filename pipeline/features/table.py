@@ -27,6 +27,7 @@ from pipeline.data.images import DataError
 from pipeline.project.files import write_atomically
 
 SHARD_ROWS = 65_536  # vectors per shard: 320 MB of 1280-wide float32 at most
+BATCH_ROWS = 8_192  # vectors read at a time
 INDEX = "index.parquet"
 SHARDS = "shards"
 
@@ -69,10 +70,13 @@ def entry_keys(table: FeatureTable) -> np.ndarray:
     )
 
 
-def shard_keys(store: Path) -> dict[str, tuple[str, int]]:
-    """Entry key -> (shard name, row) of every vector the store holds."""
+def shard_keys(store: Path, dim: int) -> dict[str, tuple[str, int]]:
+    """Entry key -> (shard name, row) of every `dim`-wide vector the store holds
+    (a shard of another width or layout is left unused, and so deleted)."""
     where = {}
     for shard in sorted((store / SHARDS).glob("*.parquet")):
+        if pq.read_schema(shard).field("vector").type != pa.binary(dim * 4):
+            continue
         for row, key in enumerate(pq.read_table(shard, columns=["key"])["key"].to_pylist()):
             where.setdefault(key, (shard.name, row))
     return where
@@ -81,17 +85,24 @@ def shard_keys(store: Path) -> dict[str, tuple[str, int]]:
 def write_shard(store: Path, keys: list[str], vectors: np.ndarray) -> str:
     digest = hashlib.sha256("\n".join(keys).encode() + vectors.tobytes()).hexdigest()[:32]
     name = f"{digest}.parquet"
-    flat = pa.array(vectors.reshape(-1), pa.float32())
-    table = pa.table({"key": keys, "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+    # Each vector as one fixed-size binary value, not a list of floats: Parquet stores
+    # a list with a level per float, and decoding those held three times the vectors.
+    width = vectors.shape[1] * 4
+    column = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(keys), [None, pa.py_buffer(vectors.tobytes())]
+    )
+    table = pa.table({"key": keys, "vector": column})
     (store / SHARDS).mkdir(parents=True, exist_ok=True)
-    write_atomically(store / SHARDS / name, lambda temporary: pq.write_table(table, temporary))
+    write_atomically(
+        store / SHARDS / name, lambda temporary: pq.write_table(table, temporary, row_group_size=BATCH_ROWS)
+    )
     return name
 
 
 def save_table(path: str | Path, table: FeatureTable) -> None:
     store = Path(path)
     keys = entry_keys(table)
-    where = shard_keys(store) if (store / SHARDS).is_dir() else {}
+    where = shard_keys(store, table["features"].shape[1]) if (store / SHARDS).is_dir() else {}
     new = [i for i, key in enumerate(keys) if key not in where]
     for start in range(0, len(new), SHARD_ROWS):
         rows = new[start : start + SHARD_ROWS]
@@ -113,13 +124,22 @@ def save_table(path: str | Path, table: FeatureTable) -> None:
 
 
 def gather(store: Path, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
-    """The vectors at (shard, row), in order, reading each shard once (memory-mapped)."""
+    """The vectors at (shard, row), in order: each shard streamed in batches, each
+    vector copied once, straight from Arrow's buffers into the result (reading a
+    whole shard at once held about three times its size besides)."""
     features = np.empty((len(rows), dim), np.float32)
     for shard in np.unique(shards):
         wanted = np.flatnonzero(shards == shard)
-        vectors = pq.read_table(store / SHARDS / shard, columns=["vector"], memory_map=True)["vector"]
-        flat = vectors.combine_chunks().values.to_numpy(zero_copy_only=False)
-        features[wanted] = flat.reshape(-1, dim)[rows[wanted]]
+        start = 0
+        for batch in pq.ParquetFile(store / SHARDS / shard).iter_batches(BATCH_ROWS, columns=["vector"]):
+            column = batch.column(0)
+            vectors = np.frombuffer(
+                column.buffers()[1], np.float32, len(column) * dim, column.offset * dim * 4
+            )
+            vectors = vectors.reshape(-1, dim)  # a view on Arrow's buffer
+            here = wanted[(rows[wanted] >= start) & (rows[wanted] < start + len(vectors))]
+            features[here] = vectors[rows[here] - start]
+            start += len(vectors)
     return features
 
 

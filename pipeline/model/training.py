@@ -86,8 +86,9 @@ def fit_head(
     labels = table["meta"]["labels"]
     features, targets, groups = rows_of(table, "train")  # groups: an image and its augmented copies
     head = ClassifierHead(features.shape[1], len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout)
-    with torch.no_grad():
-        features = head.standardise_on(features).standardise(features)
+    with torch.no_grad():  # in place: `features` is rows_of's own copy, and the largest array here
+        head.standardise_on(features)
+        features.sub_(head.shift).mul_(head.scale)
     weights = balanced_class_weights(targets.numpy(), len(labels)) if cfg.train.class_weighting else None
     strength = regularization_strength(cfg, features, targets, groups, weights)
     optimizer = "adamw" if cfg.head.hidden_sizes else "lbfgs"
