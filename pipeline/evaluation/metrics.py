@@ -97,10 +97,10 @@ def evaluate(head: torch.nn.Module, table: FeatureTable, threshold: float = 0.0)
     """metrics.json's content (a split that does not exist has no key) and one row per
     image, its answer "unknown" when its confidence is under `threshold`."""
     labels = table["meta"]["labels"]
-    probabilities = predict_probabilities(head, table["features"])
-    with torch.inference_mode():  # the head's logits before its temperature
-        logits = head(torch.from_numpy(table["features"])) * head.temperature
-    uncalibrated = logits.softmax(dim=1).numpy()
+    with torch.inference_mode():  # one pass: the calibrated logits, and before the temperature
+        logits = head(torch.from_numpy(table["features"]))
+        probabilities = logits.softmax(dim=1).numpy()
+        uncalibrated = (logits * head.temperature).softmax(dim=1).numpy()
     predicted = probabilities.argmax(axis=1)
     metrics = {}
     for split in SPLITS:
