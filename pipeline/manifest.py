@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     if not is_manifest(args.manifest):
         print(f"error: a manifest's name ends in {SUFFIX}: {args.manifest}", file=sys.stderr)
         return 2
+    if args.manifest.resolve().is_relative_to(args.folder.resolve()):  # the data folder is only read
+        print(
+            f"error: the manifest would be written inside the data folder: {args.manifest}", file=sys.stderr
+        )
+        return 2
     previous = None
     if args.manifest.exists():
         try:

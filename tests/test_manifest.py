@@ -57,6 +57,7 @@ def test_updating_a_manifest_reads_only_new_and_changed_files(tmp_path):
     [
         (["missing", "m.parquet"], "error: data folder not found: missing"),
         ([".", "m.csv"], "error: a manifest's name ends in .parquet: m.csv"),
+        ([".", "m.parquet"], "error: the manifest would be written inside the data folder: m.parquet"),
     ],
 )
 def test_bad_manifest_arguments_are_one_line(tmp_path, arguments, message):
