@@ -33,7 +33,7 @@ from pipeline.data.images import (
 )
 from pipeline.data.split_file import Split, SplitRow
 from pipeline.data.splitting import check_trainable, make_split
-from pipeline.evaluation.metrics import evaluate, predict_probabilities, split_metrics
+from pipeline.evaluation.metrics import evaluate, of_split, predict_probabilities, split_metrics, wrong
 from pipeline.features.extraction import build_table, cached_features
 from pipeline.features.table import FeatureTable, originals
 from pipeline.model.calibration import calibrate
@@ -160,25 +160,23 @@ class ClassifierMetrics:
 
 
 def metrics_of(
-    metrics: dict, rows: list[dict], labels: list[str], skipped: list[Skipped]
+    metrics: dict, predictions: pd.DataFrame, labels: list[str], skipped: list[Skipped]
 ) -> ClassifierMetrics:
-    """ClassifierMetrics from one split's metrics.json entry and its per-image rows."""
+    """ClassifierMetrics from one split's metrics.json entry and its rows of evaluate's predictions."""
     per_label = pd.DataFrame.from_dict(metrics["per_class"], orient="index")[
         ["count", "precision", "recall", "f1"]
     ]
     confusion = pd.crosstab(
-        pd.Categorical([r["actual"] for r in rows], categories=labels),
-        pd.Categorical([r["predicted"] for r in rows], categories=labels),
+        predictions["actual"],
+        predictions["predicted"],
         rownames=["actual"],
         colnames=["predicted"],
         dropna=False,
     )
-    wrong = [
-        {k: r[k] for k in ("path", "actual", "predicted", "confidence")}
-        for r in rows
-        if r["actual"] != r["predicted"]
-    ]
-    misclassified = pd.DataFrame(wrong, columns=["path", "actual", "predicted", "confidence"])
+    columns = ["path", "actual", "predicted", "confidence"]
+    misclassified = (
+        wrong(predictions)[columns].astype({"actual": str, "predicted": str}).reset_index(drop=True)
+    )
     return ClassifierMetrics(metrics["accuracy"], per_label, confusion, misclassified, skipped)
 
 
@@ -188,13 +186,12 @@ def metrics_for_split(
     """The metrics of one split of a table (its original images), or None if it has none;
     the numbers `evaluate` writes to metrics.json for that split."""
     table = originals(table)
-    _, rows = evaluate(head, table)
-    labels = table["meta"]["labels"]
-    chosen = [row for row in rows if row["split"] == split]
-    if not chosen:
+    _, predictions = evaluate(head, table)
+    chosen = of_split(predictions, split)
+    if chosen.empty:
         return None
-    truth = np.array([labels.index(row["actual"]) for row in chosen])
-    predicted = np.array([labels.index(row["predicted"]) for row in chosen])
+    labels = table["meta"]["labels"]
+    truth, predicted = chosen["actual"].cat.codes.to_numpy(), chosen["predicted"].cat.codes.to_numpy()
     return metrics_of(split_metrics(truth, predicted, labels, per_class=True), chosen, labels, skipped)
 
 

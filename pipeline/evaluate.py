@@ -19,41 +19,36 @@ def run(cfg: DictConfig) -> None:
 
     from pipeline.evaluation import report
     from pipeline.evaluation.audit import DUPLICATE_COLUMNS, LABEL_ISSUE_COLUMNS, OUTLIER_COLUMNS, audit
-    from pipeline.evaluation.metrics import evaluate, mlflow_metrics, too_few_to_judge
+    from pipeline.evaluation.metrics import evaluate, mlflow_metrics, of_split, too_few_to_judge, wrong
     from pipeline.evaluation.plots import plot_confusion, plot_curves, plot_reliability
     from pipeline.features.extraction import features_for
     from pipeline.features.table import originals
     from pipeline.model.checkpoint import load_checkpoint
     from pipeline.project import tracking
-    from pipeline.project.files import write_csv, write_json, write_text
+    from pipeline.project.files import write_csv, write_frame, write_json, write_text
 
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     with tracking.resumed_run(cfg, checkpoint.mlflow_run_id):  # FAILED if evaluating fails
         table = features_for(cfg)
-        metrics, rows = evaluate(head, originals(table), checkpoint.rejection_threshold)
-        write_json(cfg.paths.metrics, metrics)
-        write_csv(cfg.paths.predictions, rows)
-        confusion_split = next(split for split in ("test", "validation", "train") if split in metrics)
-        write_csv(
-            cfg.paths.confusion,
-            [
-                {"actual": r["actual"], "predicted": r["predicted"]}
-                for r in rows
-                if r["split"] == confusion_split
-            ],
+        metrics, predictions = evaluate(
+            head, originals(table), checkpoint.rejection_threshold, cfg.train.feature_batch_rows
         )
+        write_json(cfg.paths.metrics, metrics)
+        write_frame(cfg.paths.predictions, predictions)
+        confusion_split = next(split for split in ("test", "validation", "train") if split in metrics)
+        judged = of_split(predictions, confusion_split)
+        write_frame(cfg.paths.confusion, judged[["actual", "predicted"]])
         plots = Path(cfg.paths.plots_dir)
         plots.mkdir(parents=True, exist_ok=True)
-        plot_confusion(rows, checkpoint.labels, confusion_split, plots / "confusion_matrix.png")
+        plot_confusion(judged, checkpoint.labels, confusion_split, plots / "confusion_matrix.png")
         plot_curves(Path(cfg.paths.curves), plots / "training_curves.png")
         if "expected_calibration_error" in metrics[confusion_split]:
             errors = [
                 metrics[confusion_split][f"expected_calibration_error{kind}"]
                 for kind in ("", "_uncalibrated")
             ]
-            plot_reliability(rows, confusion_split, errors, plots / "reliability.png")
-        misclassified = [r for r in rows if r["split"] != "train" and r["actual"] != r["predicted"]]
-        write_csv(cfg.paths.misclassified, misclassified, list(rows[0]))
+            plot_reliability(judged, confusion_split, errors, plots / "reliability.png")
+        write_frame(cfg.paths.misclassified, wrong(predictions[predictions["split"] != "train"]))
         findings = audit(cfg, table, head, checkpoint)
         write_csv(cfg.paths.label_issues, findings.label_issues, LABEL_ISSUE_COLUMNS)
         write_csv(cfg.paths.near_duplicates, findings.near_duplicates, DUPLICATE_COLUMNS)
@@ -64,7 +59,7 @@ def run(cfg: DictConfig) -> None:
         page = report.Page(
             title=f"{cfg.model.name}: evaluation",
             metrics=metrics,
-            rows=rows,
+            predictions=judged,
             labels=checkpoint.labels,
             split=confusion_split,
             warnings=warnings,

@@ -20,22 +20,20 @@ def test_metrics_equal_sklearn_classification_report():
     }
     torch.manual_seed(0)
     head = ClassifierHead(8, 3).eval()
-    metrics, rows = evaluate(head, table)
+    metrics, predictions = evaluate(head, table)
 
     assert set(metrics) == {"train", "validation", "test"}
     assert "per_class" not in metrics["train"]
     for split in ("validation", "test"):
-        chosen = [r for r in rows if r["split"] == split]
+        chosen = predictions[predictions["split"] == split]
         report = classification_report(
-            [r["actual"] for r in chosen],
-            [r["predicted"] for r in chosen],
+            chosen["actual"].astype(str),
+            chosen["predicted"].astype(str),
             labels=labels,
             output_dict=True,
             zero_division=0,
         )
-        assert metrics[split]["accuracy"] == pytest.approx(
-            np.mean([r["actual"] == r["predicted"] for r in chosen])
-        )
+        assert metrics[split]["accuracy"] == pytest.approx(np.mean(chosen["actual"] == chosen["predicted"]))
         for label in labels:
             ours, theirs = metrics[split]["per_class"][label], report[label]
             assert ours["count"] == theirs["support"]

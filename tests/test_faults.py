@@ -123,7 +123,7 @@ def empty_cache(cfg) -> None:
 
 
 def same_features(cfg, clean) -> bool:
-    return np.abs(load_table(cfg.paths.features)["features"] - clean["features"]).max() < 1e-5
+    return np.abs(np.asarray(load_table(cfg.paths.features)["features"]) - clean["features"]).max() < 1e-5
 
 
 def test_image_replaced_after_split_is_not_cached_under_the_old_hash(extracted, tmp_path):

@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.evaluation.metrics import evaluate
+from pipeline.features.table import load_table, save_table
 from pipeline.model.head import ClassifierHead
 from pipeline.model.regularization import STRENGTHS, balanced_class_weights, fold_of_each_row
 from pipeline.model.training import EpochCurve, fit_head
@@ -33,7 +35,7 @@ def blobs_table(n_per_label: int = 30, dim: int = 16, mislabelled: float = 0.0, 
         "path": paths,
         "sha256": shas,
         "copy": copy,
-        "meta": {"labels": ["a", "b", "c"]},
+        "meta": {"labels": ["a", "b", "c"], "extractor": {"dim": dim}},
     }
 
 
@@ -119,3 +121,27 @@ def test_features_that_never_vary_in_training_are_not_blown_up():
     assert torch.isfinite(head.scale).all()
     assert head.scale[:3].max() <= 10 / features.std(dim=0).mean() + 1e-4
     assert torch.isfinite(ClassifierHead(8, 2).standardise_on(torch.zeros(5, 8)).scale).all()
+
+
+@pytest.mark.parametrize("head", ["logistic", "mlp"])
+def test_features_streamed_from_the_store_in_small_batches_train_the_same_head(head, tmp_path):
+    """Past `train.feature_batch_rows` the vectors stay in the store and every pass
+    reads them batch by batch: the logistic head must come out as if held whole, and
+    `evaluate`'s metrics with it; the MLP must still learn."""
+    save_table(tmp_path / "features", blobs_table(copies=1))
+    table = load_table(tmp_path / "features")
+    assert not isinstance(table["features"], np.ndarray)  # left in the store
+    fitted = {}
+    for batch_rows in (100_000, 7):
+        cfg = compose_config(
+            f"head={head}", "train.max_iterations=30", f"train.feature_batch_rows={batch_rows}"
+        )
+        curve = EpochCurve()
+        fitted[batch_rows] = (fit_head(cfg, table, [curve])[0], curve)
+    whole, streamed = (fitted[rows][0] for rows in (100_000, 7))
+    assert fitted[7][1].rows[-1]["validation_accuracy"] == 1.0
+    if head == "logistic":
+        features = torch.from_numpy(np.asarray(table["features"]))
+        with torch.no_grad():
+            assert torch.allclose(whole(features).softmax(1), streamed(features).softmax(1), atol=1e-4)
+        assert evaluate(whole, table, batch_rows=5)[0] == evaluate(whole, table)[0]

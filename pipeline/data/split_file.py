@@ -140,6 +140,19 @@ def load_split(summary_path: str | Path, table_path: str | Path) -> Split:
     return split
 
 
+def recorded_digest(summary_path: str | Path) -> str:
+    """The split's digest as its summary records it, without reading the table:
+    what a stage compares with the feature table's before trusting it."""
+    try:
+        return str(json.loads(Path(summary_path).read_text(encoding="utf-8"))["table_sha256"])
+    except FileNotFoundError:
+        raise DataError(f"{summary_path} not found: run the split stage (dvc repro)") from None
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        raise DataError(
+            f"{summary_path} is damaged ({type(error).__name__}): delete it and run dvc repro"
+        ) from None
+
+
 def previous_split(summary_path: str | Path, table_path: str | Path) -> Split | None:
     """The last split, if there is one and it can be read. Without it the split is
     made from scratch, which is safe: in content-hash order, no training image moves

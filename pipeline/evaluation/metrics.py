@@ -6,14 +6,17 @@ import hashlib
 import re
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from pipeline.features.table import FeatureTable
+from pipeline.features.table import FeatureTable, feature_batches
 
 SPLITS = ("train", "validation", "test")
 
 
+PREDICTION_COLUMNS = ["path", "split", "actual", "predicted", "confidence", "answer"]
+HEAD_ROWS = 8192  # vectors through the head at a time
 UNKNOWN = "unknown"  # the answer under the rejection threshold (as the exported models answer)
 
 
@@ -93,14 +96,29 @@ def too_few_to_judge(metrics: dict, minimum: int) -> list[str]:
     ]
 
 
-def evaluate(head: torch.nn.Module, table: FeatureTable, threshold: float = 0.0) -> tuple[dict, list[dict]]:
+def head_logits(head: torch.nn.Module, table: FeatureTable, batch_rows: int | None) -> torch.Tensor:
+    """The head's logits of every row, its vectors read `batch_rows` at a time (None: at once)."""
+    rows = np.arange(len(table["features"]))
+    logits = torch.empty(len(rows), len(table["meta"]["labels"]))
+    with torch.inference_mode():
+        for positions, vectors in feature_batches(table["features"], rows, batch_rows or max(len(rows), 1)):
+            # the head standardises into new tensors: a slice at a time, not twice the batch
+            for start in range(0, len(positions), HEAD_ROWS):
+                part = slice(start, start + HEAD_ROWS)
+                logits[positions[part]] = head(torch.from_numpy(vectors[part]))
+    return logits
+
+
+def evaluate(
+    head: torch.nn.Module, table: FeatureTable, threshold: float = 0.0, batch_rows: int | None = None
+) -> tuple[dict, pd.DataFrame]:
     """metrics.json's content (a split that does not exist has no key) and one row per
-    image, its answer "unknown" when its confidence is under `threshold`."""
+    image (PREDICTION_COLUMNS), its answer "unknown" when its confidence is under `threshold`. The vectors
+    are read `batch_rows` at a time (`train.feature_batch_rows`; None: all at once)."""
     labels = table["meta"]["labels"]
-    with torch.inference_mode():  # one pass: the calibrated logits, and before the temperature
-        logits = head(torch.from_numpy(table["features"]))
-        probabilities = logits.softmax(dim=1).numpy()
-        uncalibrated = (logits * head.temperature).softmax(dim=1).numpy()
+    logits = head_logits(head, table, batch_rows)  # one pass: calibrated, and before the temperature
+    probabilities = logits.softmax(dim=1).numpy()
+    uncalibrated = (logits * head.temperature).softmax(dim=1).numpy()
     predicted = probabilities.argmax(axis=1)
     metrics = {}
     for split in SPLITS:
@@ -110,20 +128,31 @@ def evaluate(head: torch.nn.Module, table: FeatureTable, threshold: float = 0.0)
             metrics[split] = split_metrics(truth, predicted[mask], labels, per_class=split != "train")
             if split != "train":
                 metrics[split] |= trust_metrics(probabilities[mask], uncalibrated[mask], truth, threshold)
-    rows = [
+    confidence = probabilities[np.arange(len(predicted)), predicted].astype(np.float64)
+    # columns, not a dict per image: a million rows as dicts held about 0.5 GB
+    predictions = pd.DataFrame(
         {
-            "path": path,
-            "split": split,
-            "actual": labels[truth],
-            "predicted": labels[guess],
-            "confidence": float(p[guess]),
-            "answer": labels[guess] if p[guess] >= threshold else UNKNOWN,
-        }
-        for path, split, truth, guess, p in zip(
-            table["path"], table["split"], table["label_index"], predicted, probabilities, strict=True
-        )
-    ]
-    return metrics, rows
+            "path": table["path"],
+            "split": pd.Categorical(table["split"], categories=SPLITS),
+            "actual": pd.Categorical.from_codes(table["label_index"], categories=labels),
+            "predicted": pd.Categorical.from_codes(predicted, categories=labels),
+            "confidence": confidence,
+            "answer": pd.Categorical(
+                np.where(confidence >= threshold, np.asarray(labels)[predicted], UNKNOWN)
+            ),
+        },
+        columns=PREDICTION_COLUMNS,
+    )
+    return metrics, predictions
+
+
+def of_split(predictions: pd.DataFrame, split: str) -> pd.DataFrame:
+    return predictions[predictions["split"] == split]
+
+
+def wrong(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The misclassified rows (the actual and predicted columns share their labels)."""
+    return predictions[predictions["actual"] != predictions["predicted"]]
 
 
 MAX_METRIC_NAME = 250  # MLflow refuses longer metric names

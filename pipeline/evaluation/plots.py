@@ -9,14 +9,17 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from sklearn.metrics import confusion_matrix
 
 from pipeline.evaluation.metrics import reliability_bins
 
 
-def plot_confusion(rows: list[dict], labels: list[str], split: str, path: Path) -> None:
-    chosen = [row for row in rows if row["split"] == split]
-    matrix = confusion_matrix([r["actual"] for r in chosen], [r["predicted"] for r in chosen], labels=labels)
+def plot_confusion(predictions: pd.DataFrame, labels: list[str], split: str, path: Path) -> None:
+    """`predictions`: the split's rows of evaluate's predictions."""
+    matrix = confusion_matrix(
+        predictions["actual"].cat.codes, predictions["predicted"].cat.codes, labels=range(len(labels))
+    )
     figure, axes = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
     axes.imshow(matrix, cmap="Blues")
     axes.set(
@@ -26,7 +29,7 @@ def plot_confusion(rows: list[dict], labels: list[str], split: str, path: Path) 
         yticklabels=labels,
         xlabel="predicted",
         ylabel="actual",
-        title=f"Confusion matrix ({split}, {len(chosen)} images)",
+        title=f"Confusion matrix ({split}, {len(predictions)} images)",
     )
     plt.setp(axes.get_xticklabels(), rotation=45, ha="right")
     for (i, j), n in np.ndenumerate(matrix):
@@ -54,11 +57,11 @@ def plot_curves(curve_csv: Path, path: Path) -> None:
     plt.close(figure)
 
 
-def plot_reliability(rows: list[dict], split: str, errors: tuple[float, float], path: Path) -> None:
-    """Accuracy per confidence bin against the diagonal a calibrated model keeps to."""
-    chosen = [row for row in rows if row["split"] == split]
-    confidence = np.array([float(r["confidence"]) for r in chosen])
-    correct = np.array([r["actual"] == r["predicted"] for r in chosen])
+def plot_reliability(predictions: pd.DataFrame, split: str, errors: tuple[float, float], path: Path) -> None:
+    """Accuracy per confidence bin against the diagonal a calibrated model keeps to
+    (`predictions`: the split's rows)."""
+    confidence = predictions["confidence"].to_numpy()
+    correct = (predictions["actual"] == predictions["predicted"]).to_numpy()
     counts, _, accuracy = reliability_bins(confidence, correct, 10)
     edges = np.linspace(0, 1, 11)
     figure, axes = plt.subplots(figsize=(5, 5))

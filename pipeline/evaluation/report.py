@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline.data.images import load_rgb
+from pipeline.evaluation.metrics import wrong
 
 STYLE = """
 body { font: 15px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -51,7 +54,7 @@ document.querySelectorAll("table.sortable th").forEach((th, column) => th.addEve
 class Page:
     title: str
     metrics: dict
-    rows: list[dict]  # every image's prediction (evaluate's rows)
+    predictions: pd.DataFrame  # evaluate's predictions of `split`'s images
     labels: list[str]
     split: str  # the split the confusion matrix and the top losses are of
     warnings: list[str]
@@ -110,25 +113,26 @@ def cell_id(actual: int, predicted: int) -> str:
 
 def confusion_explorer(page: Page) -> str:
     """The confusion matrix as a table; a cell links to a panel with its images
-    (`report.html#cell-A-P` opens it directly)."""
-    chosen = [r for r in page.rows if r["split"] == page.split]
-    index = {label: i for i, label in enumerate(page.labels)}
-    cells: dict[tuple[int, int], list[dict]] = {}
-    for row in chosen:
-        cells.setdefault((index[row["actual"]], index[row["predicted"]]), []).append(row)
+    (`report.html#cell-A-P` opens it directly), the first `images_shown` of them."""
+    chosen = page.predictions
+    actual_codes, predicted_codes = chosen["actual"].cat.codes, chosen["predicted"].cat.codes
     header = "".join(f"<th>{html.escape(label)}</th>" for label in page.labels)
     body, panels = [], []
     for a, actual in enumerate(page.labels):
         tds = []
         for p, predicted in enumerate(page.labels):
-            members = cells.get((a, p), [])
-            kind = "empty" if not members else "right" if a == p else "wrong"
-            link = f'<a href="#{cell_id(a, p)}">{len(members)}</a>' if members else "0"
+            members = chosen[(actual_codes == a) & (predicted_codes == p)]
+            kind = "empty" if members.empty else "right" if a == p else "wrong"
+            link = f'<a href="#{cell_id(a, p)}">{len(members)}</a>' if len(members) else "0"
             tds.append(f'<td class="{kind}">{link}</td>')
-            if members:
-                members = sorted(members, key=lambda r: float(r["confidence"]), reverse=a != p)
+            if len(members):
+                # right: the least sure first; wrong: the surest mistakes first
+                shown = members.sort_values("confidence", ascending=a == p, kind="stable")
                 figures = [
-                    figure(r["path"], f"{float(r['confidence']):.0%}") for r in members[: page.images_shown]
+                    figure(path, f"{confidence:.0%}")
+                    for path, confidence in shown[["path", "confidence"]]
+                    .head(page.images_shown)
+                    .itertuples(index=False)
                 ]
                 title = f"<h3>{bold(actual)} predicted as {bold(predicted)} ({len(members)})</h3>"
                 panels.append(
@@ -145,9 +149,7 @@ def confusion_explorer(page: Page) -> str:
 
 def most_confused(page: Page, count: int = 5) -> str:
     pairs = Counter(
-        (r["actual"], r["predicted"])
-        for r in page.rows
-        if r["split"] == page.split and r["actual"] != r["predicted"]
+        zip(*(wrong(page.predictions)[column] for column in ("actual", "predicted")), strict=True)
     )
     if not pairs:
         return "<p>No confusions.</p>"
@@ -157,15 +159,12 @@ def most_confused(page: Page, count: int = 5) -> str:
 
 def top_losses(page: Page) -> str:
     """The images the model is most wrong about: lowest probability of the actual label."""
-    wrong = [r for r in page.rows if r["split"] == page.split and r["actual"] != r["predicted"]]
-    wrong.sort(key=lambda r: float(r["confidence"]), reverse=True)
+    mistakes = wrong(page.predictions).sort_values("confidence", ascending=False, kind="stable")
     figures = [
-        figure(
-            r["path"], f"{bold(r['actual'])} taken for {bold(r['predicted'])} ({float(r['confidence']):.0%})"
-        )
-        for r in wrong[: page.images_shown]
+        figure(r.path, f"{bold(r.actual)} taken for {bold(r.predicted)} ({r.confidence:.0%})")
+        for r in mistakes.head(page.images_shown).itertuples(index=False)
     ]
-    return gallery(figures, len(wrong))
+    return gallery(figures, len(mistakes))
 
 
 def calibration_section(page: Page) -> str:

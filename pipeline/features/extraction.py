@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pipeline.data.images import DataError, follow_pixel_limit, load_rgb, to_square
-from pipeline.data.split_file import Split, SplitRow, load_split, split_digest
+from pipeline.data.split_file import Split, SplitRow, load_split, recorded_digest, split_digest
 from pipeline.features.augment import Copy, augmented, planned_copies
 from pipeline.features.cache import DamagedEntry, FeatureCache, extractor_fingerprint
 from pipeline.features.runtime import Runner, open_runner
@@ -242,20 +242,22 @@ def features_for(cfg: DictConfig) -> FeatureTable:
     extracting what is missing, so `python -m pipeline.train +extractor=v2`
     works before any v2 extraction ran.
     """
-    path, split = Path(cfg.paths.features), load_split(cfg.paths.split, cfg.paths.split_table)
+    # the summary's digest, not the whole split: a million rows as Python dicts would
+    # cost more memory than the batch of vectors `train` holds
+    path, digest = Path(cfg.paths.features), recorded_digest(cfg.paths.split)
     if path.exists():
         try:
             table = load_table(path)
         except DataError as error:  # the stage's output, damaged or from an older version: rebuilt
             log.warning("%s", error)
-            return build_table(cfg, split)
+            return build_table(cfg, load_split(cfg.paths.split, cfg.paths.split_table))
         meta = table["meta"]
         fingerprint = extractor_fingerprint(cfg.extractor, cfg.extract.crop_and_scale)
         if (
             meta["extractor"]["fingerprint"] == fingerprint
-            and meta["split_sha256"] == split_digest(split)
+            and meta["split_sha256"] == digest
             and meta.get("copies") == [copy.key for copy in planned_copies(cfg.augment)]
         ):
             return table
     log.info("%s does not match this config and split: building it from the cache", path)
-    return build_table(cfg, split)
+    return build_table(cfg, load_split(cfg.paths.split, cfg.paths.split_table))

@@ -12,10 +12,15 @@ grows by more than the new images:
 - `index.parquet`: the table's rows (path, label, split, content hash, copy) with
   the shard and row that hold each vector, and the table's description.
 Shards no row refers to any more are deleted after the index is written.
+
+Loading the table reads the index only: its vectors stay in the store
+(`StoredVectors`), read by rows or streamed in batches, so that `train` and
+`evaluate` hold a batch of them at a time however many images there are.
 """
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypedDict
 
@@ -41,7 +46,7 @@ class TableMeta(TypedDict):
 
 
 class FeatureTable(TypedDict):
-    features: np.ndarray  # (rows, dim) float32
+    features: "np.ndarray | StoredVectors"  # (rows, dim) float32: in memory when built, else in the store
     label_index: np.ndarray  # (rows,) int, into meta["labels"]
     split: np.ndarray  # (rows,) train, validation or test
     path: np.ndarray  # (rows,) the image file
@@ -57,7 +62,24 @@ ROW_COLUMNS = [name for name in ARRAYS if name != "features"]
 def originals(table: FeatureTable) -> FeatureTable:
     """`table` without the augmented copies: what accuracy is measured on."""
     keep = table["copy"] == ""
-    return FeatureTable(**{name: table[name][keep] for name in ARRAYS}, meta=table["meta"])
+    features = table["features"]
+    kept = features.subset(keep) if isinstance(features, StoredVectors) else features[keep]
+    return FeatureTable(
+        features=kept, **{name: table[name][keep] for name in ROW_COLUMNS}, meta=table["meta"]
+    )
+
+
+def feature_batches(
+    features: "np.ndarray | StoredVectors", rows: np.ndarray, size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions in `rows`, their vectors), at most `size` at a time, every row once:
+    in `rows`' order from memory, in the store's order from the store."""
+    if isinstance(features, StoredVectors):
+        yield from features.batches(rows, size)
+        return
+    for start in range(0, len(rows), size):
+        positions = np.arange(start, min(start + size, len(rows)))
+        yield positions, features[rows[positions]]
 
 
 def entry_keys(table: FeatureTable) -> np.ndarray:
@@ -123,41 +145,101 @@ def save_table(path: str | Path, table: FeatureTable) -> None:
             shard.unlink()  # images gone from the split, or an extractor's old features
 
 
-def gather(store: Path, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
-    """The vectors at (shard, row), in order: each shard streamed in batches, each
-    vector copied once, straight from Arrow's buffers into the result (reading a
-    whole shard at once held about three times its size besides)."""
+def gather(store: Path, names: np.ndarray, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
+    """The vectors at (shard, row), in order (`shards` index `names`, the shards' file
+    names): of each shard only the row groups that hold one, each vector copied once,
+    straight from Arrow's buffers into the result (reading a whole shard at once held
+    about three times its size besides)."""
     features = np.empty((len(rows), dim), np.float32)
     for shard in np.unique(shards):
         wanted = np.flatnonzero(shards == shard)
-        start = 0
-        for batch in pq.ParquetFile(store / SHARDS / shard).iter_batches(BATCH_ROWS, columns=["vector"]):
-            column = batch.column(0)
-            vectors = np.frombuffer(
-                column.buffers()[1], np.float32, len(column) * dim, column.offset * dim * 4
-            )
-            vectors = vectors.reshape(-1, dim)  # a view on Arrow's buffer
-            here = wanted[(rows[wanted] >= start) & (rows[wanted] < start + len(vectors))]
-            features[here] = vectors[rows[here] - start]
-            start += len(vectors)
+        file = pq.ParquetFile(store / SHARDS / names[shard])
+        ends = np.cumsum([file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
+        group_of = np.searchsorted(ends, rows[wanted], side="right")
+        for group in np.unique(group_of):
+            column = file.read_row_group(int(group), columns=["vector"]).column(0).combine_chunks()
+            buffer = column.buffers()[1]
+            vectors = np.frombuffer(buffer, np.float32, len(column) * dim, column.offset * dim * 4)
+            here = wanted[group_of == group]
+            start = ends[group] - len(column)
+            features[here] = vectors.reshape(-1, dim)[rows[here] - start]  # a view on Arrow's buffer
+    if not np.isfinite(features).all():
+        raise DataError(f"{store} is damaged (non-finite features): delete it and run dvc repro")
     return features
 
 
+class StoredVectors:
+    """A table's feature vectors left in the store, (rows, dim) like an array:
+    `vectors[rows]` reads those rows, `batches` streams them."""
+
+    def __init__(self, store: Path, names: np.ndarray, shards: np.ndarray, rows: np.ndarray, dim: int):
+        # per row a shard number into `names` and a row in it: 8 bytes, not a file name
+        self.store, self.names, self.shards, self.rows, self.dim = store, names, shards, rows, dim
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), self.dim
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        """The vectors of `index` (row numbers, a mask or a slice), read from the store."""
+        positions = np.arange(len(self.rows))[index]
+        return gather(self.store, self.names, self.shards[positions], self.rows[positions], self.dim)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def subset(self, index) -> "StoredVectors":
+        return StoredVectors(self.store, self.names, self.shards[index], self.rows[index], self.dim)
+
+    def batches(self, rows: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in `rows`, their vectors), at most `size` at a time, in the
+        store's order: each shard is read once per pass, not once per batch."""
+        order = np.lexsort((self.rows[rows], self.shards[rows]))
+        for start in range(0, len(order), size):
+            positions = order[start : start + size]
+            yield positions, self[rows[positions]]
+
+
+def column_array(column: pa.ChunkedArray) -> np.ndarray:
+    values = column.to_numpy(zero_copy_only=False)
+    return values.astype(str) if pa.types.is_string(column.type) else values
+
+
+def check_shards(store: Path, names: np.ndarray, shards: np.ndarray, rows: np.ndarray, dim: int) -> None:
+    """Every shard the index names is whole, of this width, and holds the rows named:
+    its footer is read, not its vectors (a non-finite vector is found when read)."""
+    last_row = np.full(len(names), -1)
+    np.maximum.at(last_row, shards, rows)
+    for name, last in zip(names, last_row, strict=True):
+        file = pq.ParquetFile(store / SHARDS / name)
+        if file.schema_arrow.field("vector").type != pa.binary(dim * 4):
+            raise ValueError(f"{name} holds vectors of another width")
+        if last >= file.metadata.num_rows:
+            raise ValueError(f"{name} holds fewer rows than the index names")
+
+
 def load_table(path: str | Path) -> FeatureTable:
-    """The table at `path`; a DataError naming the store when it is damaged or not one."""
+    """The table at `path`, its vectors left in the store; a DataError naming the
+    store when it is damaged or not one."""
     store = Path(path)
     try:
         index = pq.read_table(store / INDEX)
         meta = json.loads(index.schema.metadata[b"meta"])
-        # strings as numpy's own string type: sorting and comparing object arrays fail or crawl
-        columns = {name: np.asarray(index[name].to_pylist()) for name in [*ROW_COLUMNS, "shard", "row"]}
-        features = gather(store, columns["shard"], columns["row"], int(meta["extractor"]["dim"]))
+        # strings as numpy's own string type: sorting and comparing object arrays fail or
+        # crawl; one column at a time, so only one column's Python strings exist at once
+        columns = {name: column_array(index[name]) for name in ROW_COLUMNS}
+        names, shards = np.unique(column_array(index["shard"]), return_inverse=True)
+        rows = index["row"].to_numpy().astype(np.int32)
+        dim = int(meta["extractor"]["dim"])
+        check_shards(store, names, shards, rows, dim)
     except FileNotFoundError as error:
         missing = Path(error.filename or store / INDEX)
         raise DataError(f"{missing} not found: run the extract stage (dvc repro), or dvc pull it") from None
     except Exception as error:  # pyarrow, json and numpy raise many types for a damaged file
         raise DataError(f"{store} is damaged ({type(error).__name__}): delete it and run dvc repro") from None
-    if not np.isfinite(features).all():
-        raise DataError(f"{store} is damaged (non-finite features): delete it and run dvc repro")
     columns["label_index"] = columns["label_index"].astype(np.int64)  # an empty table's is float
+    features = StoredVectors(store, names, shards.astype(np.int32), rows, dim)
     return FeatureTable(features=features, **{name: columns[name] for name in ROW_COLUMNS}, meta=meta)

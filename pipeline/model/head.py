@@ -1,5 +1,7 @@
 """The classifier head on backbone features: plain PyTorch, no training logic."""
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -31,8 +33,10 @@ class ClassifierHead(nn.Module):
         layers.append(nn.Linear(width, num_classes))
         self.layers = nn.Sequential(*layers)
 
-    def standardise_on(self, features: torch.Tensor) -> "ClassifierHead":
-        """Fit the shift and scale to `features` (N, D): zero mean, unit variance.
+    def standardise_on(self, batches: torch.Tensor | Iterable[torch.Tensor]) -> "ClassifierHead":
+        """Fit the shift and scale to the training features, (N, D) or batches of
+        them: zero mean, unit variance (each batch's mean and variance pooled in
+        float64, Chan et al.'s update, so that batches add up to the whole).
 
         A dimension that barely varies in training (EfficientNet has channels that are
         all but always 0; on a few plain-coloured images, most are) is scaled like one
@@ -40,8 +44,16 @@ class ClassifierHead(nn.Module):
         would otherwise swamp every other feature (an MLP trained that way lost 16
         points on the emoji benchmark set).
         """
-        spread = features.std(dim=0)
-        self.shift.copy_(features.mean(dim=0))
+        count, mean, squares = 0, 0.0, 0.0  # squares: summed squared deviations from the mean
+        for batch in [batches] if isinstance(batches, torch.Tensor) else batches:
+            variance, batch_mean = torch.var_mean(batch, dim=0, correction=0)
+            n, batch_mean = len(batch), batch_mean.double()
+            delta = batch_mean - mean
+            mean = mean + delta * n / (count + n)
+            squares = squares + variance.double() * n + delta.square() * count * n / (count + n)
+            count += n
+        spread = (squares / max(count - 1, 1)).sqrt()
+        self.shift.copy_(mean)
         self.scale.copy_(1.0 / spread.clamp_min(max(0.1 * float(spread.mean()), 1e-6)))
         return self
 

@@ -3,6 +3,7 @@ full-batch with L-BFGS and a cross-validated L2 strength, the MLP with AdamW
 (README "The stages", "Accuracy and training speed"). The `train` stage and the
 Python API both train here."""
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
-from pipeline.features.table import FeatureTable
+from pipeline.features.table import FeatureTable, feature_batches
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.head import ClassifierHead
 from pipeline.model.lit_head import LitHead
@@ -35,46 +36,94 @@ class EpochCurve(pl.Callback):
         self.rows.append(row)
 
 
-class Batches:
-    """Feature rows in memory as (features, labels) batches, reshuffled each epoch when
-    `shuffle`: a DataLoader's per-item collation cost more than the arithmetic here."""
+class FeatureRows:
+    """One split's rows of the table as standardised (features, labels) batches of
+    at most `batch_rows` (`train.feature_batch_rows`): read once and held when one
+    batch holds them all, else read from the store again on every pass, so that
+    memory holds one batch however many images there are (README "Growing to many
+    images"). Rows are ordered by content hash and copy: the same images give the
+    same model whatever their file names."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, size: int, shuffle: bool, seed: int):
-        self.features, self.labels, self.size, self.shuffle = features, labels, size, shuffle
+    def __init__(self, table: FeatureTable, split: str, batch_rows: int):
+        rows = np.flatnonzero(table["split"] == split)
+        self.rows = rows[np.lexsort((table["copy"][rows], table["sha256"][rows]))]
+        self.labels = torch.from_numpy(table["label_index"][self.rows])
+        self.groups = table["sha256"][self.rows]  # an image and its augmented copies
+        self.vectors, self.batch_rows = table["features"], batch_rows
+        self.head: ClassifierHead | None = None
+        self.held: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        """Batches per pass (Lightning counts batches)."""
+        return -(-len(self.rows) // self.batch_rows)
+
+    def raw(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(positions, features as stored): what the standardisation is fitted on."""
+        for positions, vectors in feature_batches(self.vectors, self.rows, self.batch_rows):
+            yield positions, torch.from_numpy(vectors)
+
+    def standardised_by(self, head: ClassifierHead) -> "FeatureRows":
+        self.head = head
+        return self
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.held is not None:
+            yield self.held
+            return
+        for positions, features in self.raw():
+            with torch.no_grad():  # in place: each batch is a fresh copy
+                features.sub_(self.head.shift).mul_(self.head.scale)
+            batch = features, self.labels[positions]
+            if len(positions) == len(self.rows):
+                self.held = batch
+            yield batch
+
+    def __getitem__(self, positions: np.ndarray) -> torch.Tensor:
+        """Standardised features at `positions` (a cross-validation sample), read alone."""
+        with torch.no_grad():
+            return self.head.standardise(torch.from_numpy(self.vectors[self.rows[positions]]))
+
+
+class WholePasses:
+    """The logistic head's epochs: each one step that L-BFGS takes over every row."""
+
+    def __init__(self, rows: FeatureRows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        yield self.rows
+
+
+class MiniBatches:
+    """The MLP's AdamW steps: each batch of `rows` reshuffled every epoch and cut into
+    `size` rows (a DataLoader's per-item collation cost more than the arithmetic here)."""
+
+    def __init__(self, rows: FeatureRows, size: int, seed: int):
+        self.rows, self.size = rows, size
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.size)
+        whole, rest = divmod(len(self.rows.rows), self.rows.batch_rows)
+        return whole * -(-self.rows.batch_rows // self.size) + -(-rest // self.size)
 
     def __iter__(self):
-        order = torch.randperm(len(self.labels), generator=self.generator) if self.shuffle else None
-        for start in range(0, len(self.labels), self.size):
-            rows = slice(start, start + self.size) if order is None else order[start : start + self.size]
-            yield self.features[rows], self.labels[rows]
+        for features, labels in self.rows:
+            order = torch.randperm(len(labels), generator=self.generator)
+            for start in range(0, len(labels), self.size):
+                rows = order[start : start + self.size]
+                yield features[rows], labels[rows]
 
 
-def rows_of(table: FeatureTable, split: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Features, labels and content hashes of one split's rows, ordered by content hash
-    and copy: the same images give the same model whatever their file names."""
-    rows = np.flatnonzero(table["split"] == split)
-    rows = rows[np.lexsort((table["copy"][rows], table["sha256"][rows]))]
-    features, labels = table["features"][rows], table["label_index"][rows]
-    return torch.from_numpy(features), torch.from_numpy(labels), table["sha256"][rows]
-
-
-def regularization_strength(
-    cfg: DictConfig,
-    standardised: torch.Tensor,
-    labels: torch.Tensor,
-    groups: np.ndarray,
-    class_weights: torch.Tensor | None,
-) -> float:
+def regularization_strength(cfg: DictConfig, rows: FeatureRows, class_weights: torch.Tensor | None) -> float:
     """`train.regularization`, or for `auto` the cross-validated choice (logistic head)."""
     if cfg.train.regularization != "auto":
         return float(cfg.train.regularization)
     if cfg.head.hidden_sizes:
         return MLP_STRENGTH
-    return choose_strength(standardised, labels, groups, cfg.train.cv_folds, class_weights, cfg.train.seed)
+    return choose_strength(rows, rows.labels, rows.groups, cfg.train.cv_folds, class_weights, cfg.train.seed)
 
 
 def fit_head(
@@ -84,26 +133,25 @@ def fit_head(
     Returns the head and the L2 strength it was trained with."""
     pl.seed_everything(cfg.train.seed, verbose=False)
     labels = table["meta"]["labels"]
-    features, targets, groups = rows_of(table, "train")  # groups: an image and its augmented copies
-    head = ClassifierHead(features.shape[1], len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout)
-    with torch.no_grad():  # in place: `features` is rows_of's own copy, and the largest array here
-        head.standardise_on(features)
-        features.sub_(head.shift).mul_(head.scale)
+    batch_rows = cfg.train.feature_batch_rows
+    train_rows = FeatureRows(table, "train", batch_rows)
+    dim = table["features"].shape[1]
+    head = ClassifierHead(dim, len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout)
+    with torch.no_grad():
+        head.standardise_on(features for _, features in train_rows.raw())
+    train_rows.standardised_by(head)
+    targets = train_rows.labels
     weights = balanced_class_weights(targets.numpy(), len(labels)) if cfg.train.class_weighting else None
-    strength = regularization_strength(cfg, features, targets, groups, weights)
+    strength = regularization_strength(cfg, train_rows, weights)
     optimizer = "adamw" if cfg.head.hidden_sizes else "lbfgs"
     module = LitHead(head, optimizer, cfg.train.learning_rate, strength, weights)
-    # the logistic head takes the whole training set as one batch (see LitHead)
-    batch_size = cfg.train.batch_size if optimizer == "adamw" else len(targets)
-    train_rows = Batches(features, targets, batch_size, shuffle=optimizer == "adamw", seed=cfg.train.seed)
+    if optimizer == "lbfgs":
+        steps = WholePasses(train_rows)  # the whole training set is one batch (see LitHead)
+    else:
+        steps = MiniBatches(train_rows, cfg.train.batch_size, seed=cfg.train.seed)
     validation = None
     if (table["split"] == "validation").any():
-        validation_features, validation_targets, _ = rows_of(table, "validation")
-        with torch.no_grad():
-            validation_features = head.standardise(validation_features)
-        validation = Batches(
-            validation_features, validation_targets, len(validation_targets), shuffle=False, seed=0
-        )
+        validation = FeatureRows(table, "validation", batch_rows).standardised_by(head)
         if cfg.train.early_stopping_patience > 0:
             callbacks = [
                 *callbacks,
@@ -123,7 +171,7 @@ def fit_head(
         callbacks=callbacks,
         deterministic=True,
     )
-    trainer.fit(module, train_rows, validation)
+    trainer.fit(module, steps, validation)
     return head.cpu().eval(), strength
 
 

@@ -6,6 +6,10 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pandas takes most of a second to import; the stages that write frames have it
+    import pandas as pd
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -26,6 +30,11 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_frame(path: str | Path, frame: "pd.DataFrame") -> None:
+    """A data frame as CSV, without its index."""
+    write_atomically(path, lambda temporary: frame.to_csv(temporary, index=False))
 
 
 def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> None:

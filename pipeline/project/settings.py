@@ -76,6 +76,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "train.learning_rate": number(0, above=True),
     "train.class_weighting": boolean(),
     "train.early_stopping_patience": integer(0),
+    "train.feature_batch_rows": integer(1),
     "train.seed": integer(0),
     "calibrate.temperature": auto_or(number(0, above=True)),
     "calibrate.keep": share(),
