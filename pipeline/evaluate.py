@@ -19,7 +19,14 @@ def run(cfg: DictConfig) -> None:
 
     from pipeline.evaluation import report
     from pipeline.evaluation.audit import DUPLICATE_COLUMNS, LABEL_ISSUE_COLUMNS, OUTLIER_COLUMNS, audit
-    from pipeline.evaluation.metrics import evaluate, mlflow_metrics, of_split, too_few_to_judge, wrong
+    from pipeline.evaluation.metrics import (
+        confusion_counts,
+        evaluate,
+        mlflow_metrics,
+        of_split,
+        too_few_to_judge,
+        wrong,
+    )
     from pipeline.evaluation.plots import plot_confusion, plot_curves, plot_reliability
     from pipeline.features.extraction import features_for
     from pipeline.features.table import originals
@@ -37,7 +44,7 @@ def run(cfg: DictConfig) -> None:
         write_frame(cfg.paths.predictions, predictions)
         confusion_split = next(split for split in ("test", "validation", "train") if split in metrics)
         judged = of_split(predictions, confusion_split)
-        write_frame(cfg.paths.confusion, judged[["actual", "predicted"]])
+        write_frame(cfg.paths.confusion, confusion_counts(judged))
         plots = Path(cfg.paths.plots_dir)
         plots.mkdir(parents=True, exist_ok=True)
         plot_confusion(judged, checkpoint.labels, confusion_split, plots / "confusion_matrix.png")

@@ -106,6 +106,7 @@ def head_logits(head: torch.nn.Module, table: FeatureTable, batch_rows: int | No
             for start in range(0, len(positions), HEAD_ROWS):
                 part = slice(start, start + HEAD_ROWS)
                 logits[positions[part]] = head(torch.from_numpy(vectors[part]))
+            del vectors  # before the next batch is read: one batch in memory at a time
     return logits
 
 
@@ -148,6 +149,13 @@ def evaluate(
 
 def of_split(predictions: pd.DataFrame, split: str) -> pd.DataFrame:
     return predictions[predictions["split"] == split]
+
+
+def confusion_counts(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Images per (actual, predicted) pair, every pair of labels: `confusion.csv`,
+    which `dvc plots` draws (a row per image would grow with the data set)."""
+    counts = predictions.groupby(["actual", "predicted"], observed=False).size()
+    return counts.rename("count").reset_index()
 
 
 def wrong(predictions: pd.DataFrame) -> pd.DataFrame:

@@ -52,6 +52,7 @@ class ClassifierHead(nn.Module):
             mean = mean + delta * n / (count + n)
             squares = squares + variance.double() * n + delta.square() * count * n / (count + n)
             count += n
+            del batch  # before the next one is read: one batch in memory at a time
         spread = (squares / max(count - 1, 1)).sqrt()
         self.shift.copy_(mean)
         self.scale.copy_(1.0 / spread.clamp_min(max(0.1 * float(spread.mean()), 1e-6)))

@@ -98,6 +98,7 @@ class LitHead(pl.LightningModule):
                 if backward:
                     self.manual_backward(losses / total_weight)
             loss_sum, right = loss_sum + float(losses.detach()), right + int(correct)
+            del features, labels, losses  # before the next batch is read (see FeatureRows.raw)
         with torch.set_grad_enabled(backward):
             penalty = 0.5 * self.strength * sum(w.square().sum() for w in self.head.weights())
             if backward:

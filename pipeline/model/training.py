@@ -58,9 +58,18 @@ class FeatureRows:
         return -(-len(self.rows) // self.batch_rows)
 
     def raw(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """(positions, features as stored): what the standardisation is fitted on."""
+        """(positions, features as stored). Each generator here and its callers let go
+        of a batch before the next is read (`del`; a generator expression cannot):
+        one reference held across the read doubled the peak memory."""
         for positions, vectors in feature_batches(self.vectors, self.rows, self.batch_rows):
             yield positions, torch.from_numpy(vectors)
+            del vectors
+
+    def stored(self) -> Iterator[torch.Tensor]:
+        """The features as stored, batch by batch: what the standardisation is fitted on."""
+        for _, features in self.raw():
+            yield features
+            del features
 
     def standardised_by(self, head: ClassifierHead) -> "FeatureRows":
         self.head = head
@@ -73,10 +82,10 @@ class FeatureRows:
         for positions, features in self.raw():
             with torch.no_grad():  # in place: each batch is a fresh copy
                 features.sub_(self.head.shift).mul_(self.head.scale)
-            batch = features, self.labels[positions]
             if len(positions) == len(self.rows):
-                self.held = batch
-            yield batch
+                self.held = features, self.labels[positions]
+            yield features, self.labels[positions]
+            del features
 
     def __getitem__(self, positions: np.ndarray) -> torch.Tensor:
         """Standardised features at `positions` (a cross-validation sample), read alone."""
@@ -115,6 +124,7 @@ class MiniBatches:
             for start in range(0, len(labels), self.size):
                 rows = order[start : start + self.size]
                 yield features[rows], labels[rows]
+            del features, labels  # before the next batch is read
 
 
 def regularization_strength(cfg: DictConfig, rows: FeatureRows, class_weights: torch.Tensor | None) -> float:
@@ -138,7 +148,7 @@ def fit_head(
     dim = table["features"].shape[1]
     head = ClassifierHead(dim, len(labels), list(cfg.head.hidden_sizes), cfg.head.dropout)
     with torch.no_grad():
-        head.standardise_on(features for _, features in train_rows.raw())
+        head.standardise_on(train_rows.stored())
     train_rows.standardised_by(head)
     targets = train_rows.labels
     weights = balanced_class_weights(targets.numpy(), len(labels)) if cfg.train.class_weighting else None
