@@ -387,3 +387,6 @@ def test_dvc_plots_show_curves_and_confusion_matrix(demo_project):
     plots = json.loads(run(["dvc", "plots", "show", "--json"], demo_project).stdout)["data"]
     assert {"Accuracy", "Loss", "Confusion matrix"} <= set(plots)
     assert any(name.endswith("confusion_matrix.png") for name in plots)
+    # a count per pair of labels, not a row per image: the plot's data stays small at any size
+    cells = plots["Confusion matrix"][0]["content"]["data"]["values"]
+    assert len(cells) == 4 * 4 and sum(int(cell["count"]) for cell in cells) == 60
