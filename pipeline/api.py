@@ -33,6 +33,7 @@ from pipeline.data.images import (
 )
 from pipeline.data.split_file import Split, SplitRow
 from pipeline.data.splitting import check_trainable, make_split
+from pipeline.data.storage import data_path, is_folder, read_bytes
 from pipeline.evaluation.metrics import evaluate, of_split, predict_probabilities, split_metrics, wrong
 from pipeline.features.extraction import build_table, cached_features
 from pipeline.features.table import FeatureTable, originals
@@ -56,9 +57,10 @@ class DataSource:
 
     @classmethod
     def labeled_directories(cls, path: str | Path) -> DataSource:
-        """`path/<label>/...`: one folder per label, as the stages read `data.train_dir`."""
-        root = Path(path)
-        if not root.is_dir():
+        """`path/<label>/...`: one folder per label, as the stages read `data.train_dir`
+        (an s3:// folder too)."""
+        root = data_path(path)
+        if not is_folder(root):
             raise DataError(f"folder not found: {root}")
         files, skipped = files_in_label_folders(root)
         return cls(tuple((str(p), label) for p, label in files), tuple(skipped), str(root))
@@ -87,7 +89,7 @@ class DataSource:
 
     def images(self, max_pixels: int) -> tuple[list[LabelledImage], list[Skipped]]:
         """The usable images, with content hashes; the rest skipped with a reason."""
-        images, unusable = check_labelled([(Path(p), label) for p, label in self.files], max_pixels)
+        images, unusable = check_labelled([(data_path(p), label) for p, label in self.files], max_pixels)
         return images, [*self.skipped, *unusable]
 
 
@@ -196,7 +198,7 @@ def metrics_for_split(
 
 
 def sha256_of(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(read_bytes(path)).hexdigest()
 
 
 class ImageClassifier:

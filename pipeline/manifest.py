@@ -13,19 +13,23 @@ from pipeline.project.config import compose_config
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=__doc__)
-    parser.add_argument("folder", type=Path, help="the data folder: one subfolder per label")
+    parser.add_argument("folder", help="the data folder (one subfolder per label), or an s3:// folder")
     parser.add_argument("manifest", type=Path, help="the manifest to write or update (.parquet)")
     args = parser.parse_args(argv)
     from pipeline.data.images import DataError
     from pipeline.data.manifest import SUFFIX, build_manifest, is_manifest, load_manifest, save_manifest
+    from pipeline.data.storage import data_path, is_folder, is_s3
 
-    if not args.folder.is_dir():
+    # an s3:// folder stays a URI (README "Images, DVC remote and MLflow on S3")
+    args.folder = data_path(args.folder)
+    if not is_folder(args.folder):
         print(f"error: data folder not found: {args.folder}", file=sys.stderr)
         return 2
     if not is_manifest(args.manifest):
         print(f"error: a manifest's name ends in {SUFFIX}: {args.manifest}", file=sys.stderr)
         return 2
-    if args.manifest.resolve().is_relative_to(args.folder.resolve()):  # the data folder is only read
+    inside = not is_s3(args.folder) and args.manifest.resolve().is_relative_to(args.folder.resolve())
+    if inside:  # the data folder is only read
         print(
             f"error: the manifest would be written inside the data folder: {args.manifest}", file=sys.stderr
         )

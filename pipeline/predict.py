@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.data.images import is_hidden
+from pipeline.data.storage import data_path, is_folder, is_s3, s3_files
 from pipeline.model.onnx_model import OnnxClassifier
 from pipeline.project.config import compose_config
 
@@ -18,10 +19,13 @@ def default_model() -> Path:
     return Path(cfg.paths.models_dir) / f"{cfg.model.name}.onnx"
 
 
-def image_files(arguments: list[str]) -> list[Path]:
+def image_files(arguments: list[str]) -> list[str | Path]:
+    """The image files named, and those in the folders named (s3:// ones too)."""
     files = []
-    for argument in map(Path, arguments):
-        if argument.is_dir():
+    for argument in map(data_path, arguments):
+        if is_s3(argument) and is_folder(argument):
+            files += [p for p in s3_files(argument) if not is_hidden(Path(p))]
+        elif not is_s3(argument) and argument.is_dir():
             files += sorted(p for p in argument.rglob("*") if p.is_file() and not is_hidden(p))
         else:
             files.append(argument)

@@ -14,25 +14,25 @@ from pipeline.data.images import DataError, LabelledImage
 from pipeline.data.manifest import images_in, is_manifest
 from pipeline.data.split_file import previous_split, save_split
 from pipeline.data.splitting import check_trainable, data_report, make_split, previously_verified
+from pipeline.data.storage import data_path, is_folder, label_folder_names
 from pipeline.project.config import stage_entry
 from pipeline.project.files import write_json
 
 log = logging.getLogger(__name__)
 
 
-def check_label_folders(train_dir: Path, train: list[LabelledImage]) -> None:
+def check_label_folders(train_dir: str | Path, train: list[LabelledImage]) -> None:
     labels = {image.label for image in train}
-    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    empty = [name for name in folders if name not in labels]
+    empty = [name for name in label_folder_names(train_dir) if name not in labels]
     if empty:
-        raise DataError(f"label folder has no usable image: {train_dir / empty[0]}")
+        raise DataError(f"label folder has no usable image: {train_dir}/{empty[0]}")
     if len(labels) < 2:
         raise DataError(f"need at least 2 label folders with images in {train_dir}, found {len(labels)}")
 
 
 def run(cfg: DictConfig) -> None:
-    train_dir = Path(cfg.data.train_dir)
-    if not (train_dir.is_dir() or is_manifest(train_dir)):
+    train_dir = data_path(cfg.data.train_dir)  # a folder, an s3:// folder or a manifest
+    if not (is_folder(train_dir) or is_manifest(train_dir)):
         raise DataError(f"training folder not found: {train_dir}")
     last = previous_split(cfg.paths.split, cfg.paths.split_table)
     verified = previously_verified(last)
@@ -42,8 +42,8 @@ def run(cfg: DictConfig) -> None:
     else:
         check_label_folders(train_dir, train)
     test = []
-    test_dir = Path(cfg.data.test_dir) if cfg.data.test_dir else None
-    if test_dir and (test_dir.is_dir() or is_manifest(test_dir)):
+    test_dir = data_path(cfg.data.test_dir) if cfg.data.test_dir else None
+    if test_dir and (is_folder(test_dir) or is_manifest(test_dir)):
         test, skipped_test = images_in(test_dir, cfg.data.max_image_pixels, verified)
         skipped += skipped_test
     split = make_split(train, test, skipped, cfg.split.validation, cfg.split.seed, last)

@@ -12,6 +12,8 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps
 
+from pipeline.data.storage import image_source, is_s3, read_bytes, s3_files
+
 pillow_heif.register_heif_opener()
 
 # Transparent pixels are composited on white, here and in the README's contract
@@ -47,8 +49,9 @@ def is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def check_image(path: Path, max_pixels: int, decode: bool) -> tuple[int, int]:
-    """(width, height) of a usable image; ValueError with the reason otherwise.
+def check_image(path: str | Path | BinaryIO, max_pixels: int, decode: bool) -> tuple[int, int]:
+    """(width, height) of a usable image (a file, or its bytes as a file object);
+    ValueError with the reason otherwise.
 
     `decode` decodes the whole file (JPEG at 1/8 scale, which still reads every
     byte) to catch truncated files, whose header alone looks fine.
@@ -109,19 +112,43 @@ def files_under(root: Path) -> tuple[list[Path], list[Skipped]]:
     return sorted(files), skipped
 
 
-def files_in_label_folders(root: Path) -> tuple[list[tuple[Path, str]], list[Skipped]]:
+def layout_problem(parts: tuple[str, ...]) -> str | None:
+    """Why a file at `parts` under the data folder is not a labelled image, or None."""
+    if any(is_hidden(Path(part)) for part in parts):
+        return "hidden file"
+    if len(parts) == 1:
+        return "not inside a label folder"
+    return None
+
+
+def objects_in_label_folders(root: str) -> tuple[list[tuple[str, str]], list[Skipped]]:
+    """files_in_label_folders for an s3:// folder: S3 has no links and its keys are
+    UTF-8, so only the layout rules apply."""
+    found, skipped, prefix = [], [], root.rstrip("/") + "/"
+    for path in s3_files(root):
+        parts = tuple(path.removeprefix(prefix).split("/"))
+        problem = layout_problem(parts)
+        if problem:
+            skipped.append(Skipped(path, problem))
+        else:
+            found.append((path, parts[0]))
+    return found, skipped
+
+
+def files_in_label_folders(root: str | Path) -> tuple[list[tuple[str | Path, str]], list[Skipped]]:
     """(path, label) of every file under `root/<label>/...`; hidden files and files
-    outside a label folder are skipped."""
+    outside a label folder are skipped. `root` may be an s3:// folder (README
+    "Images, DVC remote and MLflow on S3"): its objects come back as s3:// paths."""
+    if is_s3(root):
+        return objects_in_label_folders(root)
     found, skipped = [], []
     paths, links = files_under(root)
     for path in paths:
         relative = path.relative_to(root)
         if not valid_utf8(str(path)):  # JSON, DVC and MLflow cannot hold such a name
             skipped.append(Skipped(printable(path), "file name is not valid UTF-8: rename it"))
-        elif any(is_hidden(Path(part)) for part in relative.parts):
-            skipped.append(Skipped(str(path), "hidden file"))
-        elif len(relative.parts) == 1:
-            skipped.append(Skipped(str(path), "not inside a label folder"))
+        elif problem := layout_problem(relative.parts):
+            skipped.append(Skipped(str(path), problem))
         else:
             found.append((path, relative.parts[0]))
     return found, skipped + links
@@ -134,7 +161,7 @@ def follow_pixel_limit(max_pixels: int) -> None:
 
 
 def check_labelled(
-    files: list[tuple[Path, str]], max_pixels: int, verified: set[str] = frozenset()
+    files: list[tuple[str | Path, str]], max_pixels: int, verified: set[str] = frozenset()
 ) -> tuple[list[LabelledImage], list[Skipped]]:
     """Each (path, label) either usable, with its content hash and size, or skipped
     with a reason.
@@ -145,13 +172,14 @@ def check_labelled(
     follow_pixel_limit(max_pixels)
     images, skipped = [], []
     for path, label in files:
-        content = Path(path).read_bytes()
+        content = read_bytes(path)  # a local file or an s3:// object
         if not content:
             skipped.append(Skipped(str(path), "empty file"))
             continue
         sha256 = hashlib.sha256(content).hexdigest()
         try:
-            width, height = check_image(Path(path), max_pixels, decode=sha256 not in verified)
+            source = image_source(path, content)  # a local file is opened as before
+            width, height = check_image(source, max_pixels, decode=sha256 not in verified)
         except ValueError as error:
             skipped.append(Skipped(str(path), str(error)))
             continue
@@ -160,7 +188,7 @@ def check_labelled(
 
 
 def scan_labelled_folder(
-    root: Path, max_pixels: int, verified: set[str] = frozenset()
+    root: str | Path, max_pixels: int, verified: set[str] = frozenset()
 ) -> tuple[list[LabelledImage], list[Skipped]]:
     """Every file under `root/<label>/...`, either usable or skipped with a reason."""
     files, skipped = files_in_label_folders(root)
@@ -184,13 +212,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path | BinaryIO, min_side: int = 0) -> Image.Image:
-    """Decode an image (a file, or its bytes as a file object) upright (EXIF
-    orientation) as RGB on the fixed background.
+    """Decode an image (a file, an s3:// object, or its bytes as a file object)
+    upright (EXIF orientation) as RGB on the fixed background.
 
     `min_side` lets JPEG decode at a reduced scale (draft mode) as long as both
     sides stay at least that large: the resize that follows would discard the rest.
     """
-    with Image.open(path) as image:
+    with Image.open(image_source(path)) as image:
         if min_side and image.format == "JPEG":
             image.draft("RGB", (min_side, min_side))
         image.seek(0)  # first frame of a GIF or multi-page TIFF

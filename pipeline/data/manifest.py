@@ -10,7 +10,6 @@ checks only files that are new or whose size or mtime changed.
 """
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pipeline.data.images import (
     files_in_label_folders,
     scan_labelled_folder,
 )
+from pipeline.data.storage import file_status
 from pipeline.project.files import write_atomically
 
 SUFFIX = ".parquet"
@@ -80,35 +80,37 @@ def load_manifest(path: str | Path) -> Manifest:
         ) from None
 
 
-def build_manifest(folder: Path, max_pixels: int, previous: Manifest | None = None) -> tuple[Manifest, int]:
+def build_manifest(
+    folder: str | Path, max_pixels: int, previous: Manifest | None = None
+) -> tuple[Manifest, int]:
     """The manifest of `folder` and how many files were read to make it: the files
-    `previous` lists with the same size and mtime are taken from it unread."""
+    `previous` lists with the same size and mtime are taken from it unread. `folder`
+    may be an s3:// folder (README "Images, DVC remote and MLflow on S3"): an object's
+    size and date come with the listing, so only new or changed objects are read."""
     files, skipped = files_in_label_folders(folder)
     known = {row["path"]: row for row in previous.rows} if previous else {}
     rows, to_check = [], []
     for path, label in files:
-        status = os.stat(path)
+        status = file_status(path)  # (size, mtime_ns)
         row = known.get(str(path))
-        if (
-            row
-            and row["label"] == label
-            and (row["size"], row["mtime_ns"]) == (status.st_size, status.st_mtime_ns)
-        ):
+        if row and row["label"] == label and (row["size"], row["mtime_ns"]) == status:
             rows.append(row)
         else:
             to_check.append((path, label, status))
     images, unusable = check_labelled([(path, label) for path, label, _ in to_check], max_pixels)
     by_path = {image.path: image for image in images}
-    for path, _, status in to_check:
+    for path, _, (size, mtime_ns) in to_check:
         image = by_path.get(str(path))
         if image:
-            rows.append(vars(image) | {"size": status.st_size, "mtime_ns": status.st_mtime_ns})
+            rows.append(vars(image) | {"size": size, "mtime_ns": mtime_ns})
     rows.sort(key=lambda row: row["path"])
     skipped = sorted(skipped + unusable, key=lambda item: item.path)
     return Manifest(str(folder), rows, skipped), len(to_check)
 
 
-def images_in(source: Path, max_pixels: int, verified: set[str]) -> tuple[list[LabelledImage], list[Skipped]]:
+def images_in(
+    source: str | Path, max_pixels: int, verified: set[str]
+) -> tuple[list[LabelledImage], list[Skipped]]:
     """A data source's usable images and skipped files: a manifest's as listed, a
     folder's as found (`verified`: content hashes whose full decode an earlier split
     already checked)."""

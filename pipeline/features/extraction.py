@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline.data.images import DataError, follow_pixel_limit, load_rgb, to_square
 from pipeline.data.split_file import Split, SplitRow, load_split, recorded_digest, split_digest
+from pipeline.data.storage import read_bytes
 from pipeline.features.augment import Copy, augmented, planned_copies
 from pipeline.features.cache import DamagedEntry, FeatureCache, extractor_fingerprint
 from pipeline.features.runtime import Runner, open_runner
@@ -96,7 +97,7 @@ def extract_batch(
     keys, pixels, failed = [], [], []
     for job in jobs:
         try:
-            content = Path(job.path).read_bytes()
+            content = read_bytes(job.path)  # a local file or an s3:// object
         except OSError as error:  # deleted or unreadable since split
             failed.append({"path": job.path, "reason": f"cannot read ({error.strerror}): {STALE}"})
             continue

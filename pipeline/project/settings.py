@@ -58,6 +58,26 @@ def layer_sizes() -> tuple[Check, str]:
 # which also keeps it from naming a path (`../x`).
 SWIFT_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+# S3's rules for a bucket name: 3-63 lowercase letters, digits, dots and hyphens.
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def bucket_name() -> tuple[Check, str]:
+    return lambda v: v is None or (isinstance(v, str) and bool(BUCKET_NAME.match(v))), "an S3 bucket name"
+
+
+def s3_url_or_null() -> tuple[Check, str]:
+    return lambda v: v is None or (isinstance(v, str) and v.startswith("s3://")), "an s3:// URL or null"
+
+
+def tracking_uri() -> tuple[Check, str]:
+    # sqlite:///mlflow.db, http://host:port, file:/path, postgresql://...: a scheme and more
+    return (
+        lambda v: isinstance(v, str) and bool(re.match(r"^[a-z][a-z0-9+.-]*:.+", v)),
+        "an MLflow tracking URI",
+    )
+
+
 RULES: dict[str, tuple[Check, str]] = {
     "data.max_image_pixels": integer(1),
     "split.validation": auto_or(fraction_below_one()),
@@ -88,7 +108,27 @@ RULES: dict[str, tuple[Check, str]] = {
     "model.name": (lambda v: isinstance(v, str) and bool(SWIFT_IDENTIFIER.match(v)), "a Swift identifier"),
     "model.precision": one_of("float32", "float16", "int8"),
     "retrain.margin": number(0),
+    "storage.type": one_of("local", "s3"),
+    "storage.bucket": bucket_name(),
+    "storage.dvc_remote": s3_url_or_null(),
+    "storage.mlflow_tracking_uri": tracking_uri(),
 }
+
+
+def storage_problems(cfg: DictConfig) -> list[str]:
+    """storage=s3 needs a bucket, and an MLflow server: a local store would keep the
+    artifacts on this machine (README "Images, DVC remote and MLflow on S3")."""
+    storage = cfg.get("storage")
+    if storage is None or storage.get("type") != "s3":
+        return []
+    found = []
+    if storage.get("bucket") is None:
+        found.append("storage.bucket = None: expected an S3 bucket name with storage=s3")
+    uri = OmegaConf.select(cfg, "storage.mlflow_tracking_uri", default=None)
+    if isinstance(uri, str) and not uri.startswith(("http://", "https://")):
+        expected = "expected an MLflow server's http(s):// URL with storage=s3"
+        found.append(f"storage.mlflow_tracking_uri = {uri!r}: {expected}")
+    return found
 
 
 def problems(cfg: DictConfig) -> list[str]:
@@ -106,7 +146,7 @@ def problems(cfg: DictConfig) -> list[str]:
     for kind, count in cfg.get("augment", {}).items():
         if not integer(0)[0](count):
             found.append(f"augment.{kind} = {count!r}: expected a whole number >= 0")
-    return found
+    return found + storage_problems(cfg)
 
 
 def check_settings(cfg: DictConfig) -> None:
