@@ -84,11 +84,13 @@ def batches_of(jobs: list[Job], size: int) -> Iterator[list[Job]]:
         yield batch
 
 
-def extract_batch(
-    jobs: list[Job], size: int, crop_and_scale: str, runner: Runner, cache: FeatureCache
-) -> list[dict]:
-    """Decode, augment, run the backbone on one batch and cache the features: a
-    worker thread's whole task. Returns the images that failed to decode.
+def features_of(
+    jobs: list[Job], size: int, crop_and_scale: str, runner: Runner
+) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Decode, augment and run the backbone on one batch: (the features by cache key,
+    the images that failed to decode). What each engine's worker does with a batch,
+    a thread here or a Ray actor (pipeline/features/ray_engine.py), so that both
+    fill the cache with the same numbers.
 
     Features are cached under the content hash the split recorded, so the bytes are
     checked against it first: an image replaced since `split` would otherwise store
@@ -112,8 +114,18 @@ def extract_batch(
         for key, copy in job.entries:
             keys.append(key)
             pixels.append(image if copy is None else augmented(image, job.sha256, copy))
-    if pixels:
-        cache.put(dict(zip(keys, runner(np.stack(pixels)), strict=True)))
+    vectors = dict(zip(keys, runner(np.stack(pixels)), strict=True)) if pixels else {}
+    return vectors, failed
+
+
+def extract_batch(
+    jobs: list[Job], size: int, crop_and_scale: str, runner: Runner, cache: FeatureCache
+) -> list[dict]:
+    """One batch's features, cached in one transaction: a worker thread's whole task.
+    Returns the images that failed to decode."""
+    vectors, failed = features_of(jobs, size, crop_and_scale, runner)
+    if vectors:
+        cache.put(vectors)
     return failed
 
 
@@ -133,17 +145,43 @@ def worker_count(setting: str | int) -> int:
 
 
 def fill_cache(entries: list[Entry], cfg: DictConfig, cache: FeatureCache) -> list[dict]:
-    """Extract the features not cached yet; returns the images that failed to decode.
-
-    Each worker thread decodes a batch and runs the backbone on it, single-threaded
-    on a CPU: on 2 cores that beats one decoder thread feeding a backbone that uses
-    both (bench/extract.py), because no core waits for the other mid-batch.
-    """
+    """Extract the features not cached yet, here or on a Ray cluster (extract.engine,
+    README "Scaling out"); returns the images that failed to decode. Either engine
+    fills the same cache, so each extracts only what the other has not."""
     jobs = missing_jobs(entries, cache)
     follow_pixel_limit(cfg.data.max_image_pixels)  # decode what split let through
     if not jobs:
         log.info("all %d feature vectors were cached", len(entries))
         return []
+    total, started = sum(len(job.entries) for job in jobs), time.perf_counter()
+    if cfg.extract.engine == "ray":
+        from pipeline.features.ray_engine import extract_on_ray  # imports ray: only runs that use it pay
+
+        runtime, failed = extract_on_ray(jobs, cfg, cache)
+    else:
+        runtime, failed = extract_here(jobs, cfg, cache)
+    seconds = time.perf_counter() - started
+    log.info(
+        "extracted %d new feature vectors with %s in %.1f s (%.1f img/s)",
+        total,
+        runtime,
+        seconds,
+        total / seconds,
+    )
+    return failed
+
+
+def progress(total: int, runtime: str) -> tqdm:
+    return tqdm(total=total, unit="img", desc=f"extract ({runtime})", disable=not show_progress())
+
+
+def extract_here(jobs: list[Job], cfg: DictConfig, cache: FeatureCache) -> tuple[str, list[dict]]:
+    """The local engine: (the runtime used, the images that failed to decode).
+
+    Each worker thread decodes a batch and runs the backbone on it, single-threaded
+    on a CPU: on 2 cores that beats one decoder thread feeding a backbone that uses
+    both (bench/extract.py), because no core waits for the other mid-batch.
+    """
     workers = worker_count(cfg.extract.workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     runtime, runner = open_runner(cfg.extractor, cfg.extract.runtime, cache.onnx_backbone, threads)
@@ -154,24 +192,13 @@ def fill_cache(entries: list[Entry], cfg: DictConfig, cache: FeatureCache) -> li
         runner=runner,
         cache=cache,
     )
-    total, failed, started = sum(len(job.entries) for job in jobs), [], time.perf_counter()
-    with (
-        ThreadPoolExecutor(workers) as pool,
-        tqdm(total=total, unit="img", desc=f"extract ({runtime})", disable=not show_progress()) as bar,
-    ):
+    failed = []
+    with ThreadPoolExecutor(workers) as pool, progress(sum(len(job.entries) for job in jobs), runtime) as bar:
         batches = list(batches_of(jobs, cfg.extract.batch_size))
         for batch, batch_failed in zip(batches, in_order(pool, task, batches, ahead=workers), strict=True):
             failed += batch_failed
             bar.update(sum(len(job.entries) for job in batch))
-    seconds = time.perf_counter() - started
-    log.info(
-        "extracted %d new feature vectors with %s in %.1f s (%.1f img/s)",
-        total,
-        runtime,
-        seconds,
-        total / seconds,
-    )
-    return failed
+    return runtime, failed
 
 
 def cached_features(cfg: DictConfig, wanted: list[Entry]) -> tuple[np.ndarray, list[Entry], list[dict], dict]:

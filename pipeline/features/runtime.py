@@ -40,18 +40,29 @@ def choose_runtime(requested: str) -> str:
     return "onnxruntime"
 
 
-def onnx_runner(extractor: DictConfig, path: Path, threads: int = 0) -> Runner:
-    """`threads` per call (0: onnxruntime's choice); calls may run concurrently."""
+def exported_onnx(extractor: DictConfig, path: Path) -> Path:
+    """`path`, the extractor exported there first if it is not yet (once per extractor)."""
     if not path.exists():
         from pipeline.features.backbone import export_feature_extractor
 
         log.info("exporting %s to %s for onnxruntime (once per extractor)", extractor.name, path)
         export_feature_extractor(extractor, path)
+    return path
+
+
+def onnx_runner(extractor: DictConfig, path: Path, threads: int = 0) -> Runner:
+    """`threads` per call (0: onnxruntime's choice); calls may run concurrently."""
+    return onnx_session_runner(str(exported_onnx(extractor, path)), threads)
+
+
+def onnx_session_runner(model: str | bytes, threads: int) -> Runner:
+    """A runner for an ONNX graph given by its file name, or by its bytes (a Ray
+    actor gets them from the driver: the cluster's nodes need not share its disk)."""
     options = onnxruntime.SessionOptions()
     # Idle onnxruntime threads spin by default, taking the cores the decoding threads need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     return lambda pixels: session.run(None, {"pixels": pixels})[0]
 
 

@@ -50,6 +50,10 @@ def share() -> tuple[Check, str]:
     return lambda v: number(0, above=True)[0](v) and v <= 1, "a share in (0, 1]"
 
 
+def none_or_text() -> tuple[Check, str]:
+    return lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null or an address (text)"
+
+
 def layer_sizes() -> tuple[Check, str]:
     return lambda v: isinstance(v, list) and all(integer(1)[0](n) for n in v), "a list of layer sizes >= 1"
 
@@ -86,6 +90,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "extract.runtime": one_of("auto", "onnxruntime", "torch"),
     "extract.batch_size": integer(1),
     "extract.workers": auto_or(integer(1)),
+    "extract.engine": one_of("local", "ray"),
+    "extract.ray_address": none_or_text(),
     "head.type": one_of("logistic", "mlp"),
     "head.hidden_sizes": layer_sizes(),
     "head.dropout": fraction_below_one(),
