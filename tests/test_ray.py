@@ -163,3 +163,14 @@ def test_ray_engine_without_a_cluster_stops_with_one_line(monkeypatch):
     ):
         pass
     assert time.monotonic() - started < 15
+
+
+def test_cluster_jobs_name_local_images_absolutely_and_s3_ones_as_they_are():
+    """Actors run in another folder, maybe on another machine: a relative path would
+    miss, and an s3:// URI made absolute would become a local path that is nowhere."""
+    from pipeline.features.extraction import Job
+    from pipeline.features.ray_engine import job_rows
+
+    rows = job_rows([Job("a", "s3://bucket/train/cat/1.jpg", (("a", None),)), Job("b", "data/x.jpg", ())])
+    assert rows[0]["path"] == "s3://bucket/train/cat/1.jpg"
+    assert rows[1]["path"] == str(Path("data/x.jpg").absolute())

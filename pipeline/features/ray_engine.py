@@ -25,6 +25,7 @@ from ray.exceptions import RayError
 
 import pipeline
 from pipeline.data.images import DataError, SettingError, follow_pixel_limit
+from pipeline.data.storage import is_s3
 from pipeline.features.augment import Copy, planned_copies
 from pipeline.features.cache import FeatureCache
 from pipeline.features.extraction import Job, entry_key, features_of, progress
@@ -138,11 +139,12 @@ def block_vectors(keys: np.ndarray, data: bytes) -> dict[str, np.ndarray]:
 
 
 def job_rows(jobs: list[Job]) -> list[dict]:
-    """The jobs as Ray Data rows; paths absolute, since actors do not run in this folder."""
+    """The jobs as Ray Data rows; local paths absolute, since actors do not run in this
+    folder (s3:// ones as they are: README "Images, DVC remote and MLflow on S3")."""
     return [
         {
             "sha256": job.sha256,
-            "path": str(Path(job.path).absolute()),
+            "path": job.path if is_s3(job.path) else str(Path(job.path).absolute()),
             "copies": ["" if copy is None else copy.key for _, copy in job.entries],
         }
         for job in jobs
