@@ -195,8 +195,13 @@ class StoredVectors:
         return StoredVectors(self.store, self.names, self.shards[index], self.rows[index], self.dim)
 
     def batches(self, rows: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(positions in `rows`, their vectors), at most `size` at a time, in the
-        store's order: each shard is read once per pass, not once per batch."""
+        """(positions in `rows`, their vectors), at most `size` at a time: all at once
+        in `rows`' order when they fit in one batch (the same arithmetic, to the bit,
+        as a table held in memory), else in the store's order, so that each shard is
+        read once per pass, not once per batch."""
+        if len(rows) <= size:
+            yield np.arange(len(rows)), self[rows]
+            return
         order = np.lexsort((self.rows[rows], self.shards[rows]))
         for start in range(0, len(order), size):
             positions = order[start : start + size]
