@@ -109,8 +109,10 @@ def choose_strength(
     """The L2 strength with the lowest mean held-out log-loss over `folds` folds
     (fewer when the rarest label has fewer images; MLP_STRENGTH when it has one).
 
-    `features` are already standardised. Log-loss rather than accuracy: on small
-    folds accuracy ties across most strengths, log-loss does not. On a sample of a
+    `features` are already standardised: a tensor, or anything that row numbers index
+    into one (training's `FeatureRows`, which reads only the sampled rows from the
+    store). Log-loss rather than accuracy: on small folds accuracy ties across most
+    strengths, log-loss does not. On a sample of a
     large set the choice is rescaled by sample size / set size: the penalty on the
     mean loss is a fixed prior divided by the number of images it is spread over.
     """
