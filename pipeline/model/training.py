@@ -82,10 +82,12 @@ class FeatureRows:
         for positions, features in self.raw():
             with torch.no_grad():  # in place: each batch is a fresh copy
                 features.sub_(self.head.shift).mul_(self.head.scale)
-            if len(positions) == len(self.rows):
-                self.held = features, self.labels[positions]
-            yield features, self.labels[positions]
+            batch = features, self.labels[positions]
             del features
+            if len(positions) == len(self.rows):
+                self.held = batch
+            yield batch
+            del batch
 
     def __getitem__(self, positions: np.ndarray) -> torch.Tensor:
         """Standardised features at `positions` (a cross-validation sample), read alone."""
