@@ -158,6 +158,19 @@ def main() -> None:
         growth = f"time x{last[0] / max(first[0], 1e-9):.1f}, " if first[0] else ""
         print(f"{name:<14}{cells}   {growth}MB x{last[1] / max(first[1], 1e-9):.1f}")
     print("(feature store: its size on disk; peak memory: each process's maximum resident set, GNU time)")
+    if len(args.sizes) > 1:
+        print_growth_against_one_batch(results, *args.sizes[-2:])
+
+
+def print_growth_against_one_batch(results: dict, smaller: int, larger: int) -> None:
+    """The bar: from one size to the next, no stage's peak memory grows by more than
+    the feature vectors it holds in one batch (`train.feature_batch_rows` of them)."""
+    batch = compose_config().train.feature_batch_rows * DIM * 4 / 2**20
+    print(f"\npeak memory growth, N = {smaller:,} -> {larger:,}, against one feature batch ({batch:.0f} MB)")
+    for stage in STAGES:
+        growth = results[larger][stage][1] - results[smaller][stage][1]
+        verdict = "ok" if growth <= batch else "OVER"
+        print(f"  {stage:<10}{growth:>+8.0f} MB  {growth / batch:5.2f} of a batch  {verdict}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,13 @@ from omegaconf import DictConfig
 from pipeline.data.images import DataError, LabelledImage
 from pipeline.data.manifest import images_in, is_manifest
 from pipeline.data.split_file import previous_split, save_split
-from pipeline.data.splitting import check_trainable, data_report, make_split, previously_verified
+from pipeline.data.splitting import (
+    check_trainable,
+    data_report,
+    make_split,
+    previous_assignments,
+    previously_verified,
+)
 from pipeline.data.storage import data_path, is_folder, label_folder_names
 from pipeline.project.config import stage_entry
 from pipeline.project.files import write_json
@@ -36,6 +42,8 @@ def run(cfg: DictConfig) -> None:
         raise DataError(f"training folder not found: {train_dir}")
     last = previous_split(cfg.paths.split, cfg.paths.split_table)
     verified = previously_verified(last)
+    previous = previous_assignments(last, cfg.split.validation, cfg.split.seed)
+    del last  # every image's row as a dict: let go before the new rows are made
     train, skipped = images_in(train_dir, cfg.data.max_image_pixels, verified)
     if is_manifest(train_dir):
         check_trainable(train, str(train_dir))
@@ -46,7 +54,7 @@ def run(cfg: DictConfig) -> None:
     if test_dir and (is_folder(test_dir) or is_manifest(test_dir)):
         test, skipped_test = images_in(test_dir, cfg.data.max_image_pixels, verified)
         skipped += skipped_test
-    split = make_split(train, test, skipped, cfg.split.validation, cfg.split.seed, last)
+    split = make_split(train, test, skipped, cfg.split.validation, cfg.split.seed, previous)
     for item in split["skipped"]:
         log.warning("skipped %s: %s", item["path"], item["reason"])
     for warning in split["warnings"]:

@@ -85,12 +85,13 @@ def make_split(
     skipped: list[Skipped],
     validation_setting: str | float,
     seed: int,
-    last: Split | None = None,
+    previous: dict[str, str] | None = None,
     validation: list[LabelledImage] | None = None,
 ) -> Split:
     """The split table: `validation` images when given, else a fraction of `train`
-    chosen by `validation_setting` (Create ML's rule for `auto`). Test images of a
-    label with no training image are skipped."""
+    chosen by `validation_setting` (Create ML's rule for `auto`), keeping where they
+    were the images of `previous` (the last split's `previous_assignments`). Test
+    images of a label with no training image are skipped."""
     labels = sorted({image.label for image in train})
     skipped = list(skipped) + [
         Skipped(image.path, f"label '{image.label}' has no training images")
@@ -103,8 +104,7 @@ def make_split(
         validation = [image for image in validation if image.label in labels]
     else:
         fraction = validation_fraction(validation_setting, len(train))
-        previous = previous_assignments(last, validation_setting, seed)
-        chosen = choose_validation(train, fraction, seed, previous)
+        chosen = choose_validation(train, fraction, seed, previous or {})
         validation = []
     return Split(
         labels=labels,

@@ -27,6 +27,7 @@ from typing import TypedDict
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from numpy.dtypes import StringDType
 
 from pipeline.data.images import DataError
 from pipeline.project.files import write_atomically
@@ -67,6 +68,18 @@ def originals(table: FeatureTable) -> FeatureTable:
     return FeatureTable(
         features=kept, **{name: table[name][keep] for name in ROW_COLUMNS}, meta=table["meta"]
     )
+
+
+def in_image_order(table: FeatureTable, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` ordered by content hash and copy, so that the same images give the same
+    model whatever their file names, and a group number per row, shared by an image
+    and its augmented copies and rising with the hash (numbers, not a copy of the
+    hashes: 8 bytes a row, not 64 characters)."""
+    hashes = table["sha256"][rows]
+    order = np.lexsort((table["copy"][rows], hashes))
+    hashes = hashes[order]
+    groups = np.cumsum(np.concatenate(([False], hashes[1:] != hashes[:-1])), dtype=np.int64)
+    return rows[order], groups
 
 
 def feature_batches(
@@ -209,9 +222,11 @@ class StoredVectors:
 
 
 def column_array(column: pa.ChunkedArray) -> np.ndarray:
-    """A column as numpy's own types: sorting and comparing object arrays fail or crawl."""
+    """A column as numpy's own types: sorting and comparing object arrays fail or crawl.
+    Strings as numpy's variable-width StringDType: a content hash takes 80 bytes, not
+    the 256 of a fixed-width `<U64`, and a short split name 16, not 40."""
     values = column.to_numpy(zero_copy_only=False)
-    return values.astype(str) if pa.types.is_string(column.type) else values
+    return values.astype(StringDType()) if pa.types.is_string(column.type) else values
 
 
 def check_shards(store: Path, names: np.ndarray, shards: np.ndarray, rows: np.ndarray, dim: int) -> None:

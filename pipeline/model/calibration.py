@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from pipeline.features.table import FeatureTable
+from pipeline.features.table import FeatureTable, in_image_order
 from pipeline.model.head import ClassifierHead
 from pipeline.model.regularization import (
     FoldModels,
@@ -53,9 +53,8 @@ def out_of_fold(
     MAX_HELD_OUT_ROWS of them in a larger set (None when a label has fewer than two
     images to fold). `strength` is the logistic L2 strength: the head's own for a
     logistic head; an MLP's is no logistic one, so it is chosen here."""
-    rows = np.flatnonzero(np.isin(table["split"], HELD_OUT_SPLITS))
-    rows = rows[np.lexsort((table["copy"][rows], table["sha256"][rows]))]  # as training orders them
-    groups = table["sha256"][rows]  # an image and its augmented copies share a fold
+    # as training orders them; an image and its augmented copies share a fold
+    rows, groups = in_image_order(table, np.flatnonzero(np.isin(table["split"], HELD_OUT_SPLITS)))
     sample = sample_of_groups(table["label_index"][rows], groups, MAX_HELD_OUT_ROWS, cfg.train.seed)
     # the penalty is on the mean loss: the same prior over fewer images is a larger strength
     strength, rows, groups = strength * len(rows) / len(sample), rows[sample], groups[sample]

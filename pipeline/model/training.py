@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
-from pipeline.features.table import FeatureTable, feature_batches
+from pipeline.features.table import FeatureTable, feature_batches, in_image_order
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.head import ClassifierHead
 from pipeline.model.lit_head import LitHead
@@ -45,10 +45,8 @@ class FeatureRows:
     same model whatever their file names."""
 
     def __init__(self, table: FeatureTable, split: str, batch_rows: int):
-        rows = np.flatnonzero(table["split"] == split)
-        self.rows = rows[np.lexsort((table["copy"][rows], table["sha256"][rows]))]
+        self.rows, self.groups = in_image_order(table, np.flatnonzero(table["split"] == split))
         self.labels = torch.from_numpy(table["label_index"][self.rows])
-        self.groups = table["sha256"][self.rows]  # an image and its augmented copies
         self.vectors, self.batch_rows = table["features"], batch_rows
         self.head: ClassifierHead | None = None
         self.held: tuple[torch.Tensor, torch.Tensor] | None = None
