@@ -199,9 +199,13 @@ print(json.dumps({"seconds": time.perf_counter() - started, "modules": sorted(sy
 """
 
 
-def test_convert_with_a_cached_backbone_imports_only_what_it_needs(converted):
+def test_convert_with_a_cached_backbone_imports_only_what_it_needs_and_leaves_no_temporary_file(
+    converted, tmp_path, monkeypatch
+):
     """Lightning, timm, torch's dynamo and the converters coremltools offers for other
-    libraries cost seconds to import; a `convert` that finds its backbone needs none."""
+    libraries cost seconds to import; a `convert` that finds its backbone needs none.
+    Nothing is left in the temporary folder (coremltools left a package per run)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     overrides = [f"paths.{key}={value}" for key, value in converted.paths.items()]
     overrides.append(f"mlflow.tracking_uri={converted.mlflow.tracking_uri}")
     result = run([sys.executable, "-c", PROBE, *overrides], REPO)
@@ -209,6 +213,8 @@ def test_convert_with_a_cached_backbone_imports_only_what_it_needs(converted):
     print(f"python -m pipeline.convert with its backbone cached: {report['seconds']:.1f} s after start-up")
     heavy = {"pytorch_lightning", "lightning", "timm", "torch._dynamo", "sklearn", "torchvision"}
     assert not heavy & set(report["modules"])
+    left = {path.name for path in tmp_path.iterdir()} - {".ses"}  # onnxruntime's one id file, reused
+    assert not left
 
 
 def test_exported_backbones_pad_by_constants(exported_v1, converted):

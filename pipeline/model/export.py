@@ -16,6 +16,8 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -227,10 +229,27 @@ def head_to_core_ml(
     return ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
 
 
+@contextmanager
+def temporary_files_in(folder: str) -> Iterator[None]:
+    before, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
 def core_ml_classifier(backbone: ct.models.MLModel, head: ct.models.MLModel) -> ct.models.MLModel:
     """Backbone and head as one pipeline classifier, the model type Create ML's image
     classifiers have: Vision returns VNClassificationObservations from it."""
-    pipeline = ct.utils.make_pipeline(backbone, head)
+    with tempfile.TemporaryDirectory(prefix="pipeline-") as scratch:
+        # make_pipeline writes a first package to the temporary folder and never deletes
+        # it: a 6.6 MB /tmp/tmp*.mlpackage per `convert` (coremltools 9.0) unless it goes here
+        with temporary_files_in(scratch):
+            pipeline = ct.utils.make_pipeline(backbone, head)
+        return pipeline_classifier(pipeline, head)
+
+
+def pipeline_classifier(pipeline: ct.models.MLModel, head: ct.models.MLModel) -> ct.models.MLModel:
     spec = pipeline.get_spec()
     spec.pipelineClassifier.pipeline.CopyFrom(spec.pipeline)  # the type is a oneof: this replaces it
     head_spec = head.get_spec()

@@ -16,6 +16,7 @@ import onnx
 from omegaconf import DictConfig
 from torch import nn
 
+from pipeline.features.backbone import save_onnx
 from pipeline.features.cache import extractor_fingerprint
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.export import (
@@ -25,6 +26,7 @@ from pipeline.model.export import (
     head_to_core_ml,
     onnx_classifier,
 )
+from pipeline.project.files import write_folder_atomically
 
 NO_LICENSE = "No license provided"  # what Create ML writes when the license is left empty
 
@@ -119,9 +121,10 @@ def write_model_files(
     check_extractor(cfg, checkpoint)
     backbones = BackboneConversions(cfg.paths.feature_cache, cfg.extractor, checkpoint.extractor)
     mlpackage.parent.mkdir(parents=True, exist_ok=True)
-    to_core_ml(cfg, head, checkpoint, backbones).save(str(mlpackage))
+    model = to_core_ml(cfg, head, checkpoint, backbones)
+    write_folder_atomically(mlpackage, lambda temporary: model.save(str(temporary)))
     graph = to_onnx(cfg, head, checkpoint, backbones)
-    onnx.save(graph, onnx_path)
+    save_onnx(graph, onnx_path)
     sizes = {
         "precision": cfg.model.precision,
         "mlpackage_bytes": size_on_disk(mlpackage),

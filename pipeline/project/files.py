@@ -4,6 +4,7 @@ readers, and a run that was killed, see the old file or the new one, never half 
 import csv
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,25 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary)` beside `path` (with `path`'s suffix: coremltools saves only to
+    a name ending in .mlpackage), then swapped in. A folder cannot be renamed onto a
+    full one, so the old one is moved aside first: a run killed in between leaves no
+    folder, which DVC reruns, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    old = path.with_name(f".{path.stem}.{os.getpid()}.old{path.suffix}")
+    try:
+        write(temporary)
+        if path.exists():
+            path.rename(old)
+        temporary.rename(path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> None:
