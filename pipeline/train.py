@@ -19,11 +19,11 @@ def run(cfg: DictConfig) -> None:
     from pipeline.features.extraction import features_for
     from pipeline.model.calibration import calibrate
     from pipeline.model.checkpoint import save_checkpoint
-    from pipeline.model.training import CURVE_COLUMNS, EpochCurve, checkpoint_for, fit_head
+    from pipeline.model.training import CURVE_COLUMNS, TABLE_COLUMNS, EpochCurve, checkpoint_for, fit_head
     from pipeline.project import tracking
     from pipeline.project.files import write_csv
 
-    table = features_for(cfg)
+    table = features_for(cfg, TABLE_COLUMNS)
     with tracking.new_run(cfg, table["meta"]["split_sha256"]) as run_id:  # FAILED if training fails
         curve = EpochCurve()
         logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)

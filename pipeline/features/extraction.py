@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +30,7 @@ from pipeline.data.storage import read_bytes
 from pipeline.features.augment import Copy, augmented, planned_copies
 from pipeline.features.cache import DamagedEntry, FeatureCache, extractor_fingerprint
 from pipeline.features.runtime import Runner, open_runner
-from pipeline.features.table import FeatureTable, TableMeta, load_table
+from pipeline.features.table import ROW_COLUMNS, FeatureTable, TableMeta, load_table
 from pipeline.project.config import show_progress
 
 log = logging.getLogger(__name__)
@@ -263,8 +263,9 @@ def build_table(cfg: DictConfig, split: Split) -> FeatureTable:
     )
 
 
-def features_for(cfg: DictConfig) -> FeatureTable:
-    """The feature table for cfg's extractor, augmentations and the current split.
+def features_for(cfg: DictConfig, columns: Sequence[str] = ROW_COLUMNS) -> FeatureTable:
+    """The feature table for cfg's extractor, augmentations and the current split
+    (the stage's saved one with only `columns` read, see load_table).
 
     The stage's saved table when it matches; otherwise built from the cache,
     extracting what is missing, so `python -m pipeline.train +extractor=v2`
@@ -275,7 +276,7 @@ def features_for(cfg: DictConfig) -> FeatureTable:
     path, digest = Path(cfg.paths.features), recorded_digest(cfg.paths.split)
     if path.exists():
         try:
-            table = load_table(path)
+            table = load_table(path, columns)
         except DataError as error:  # the stage's output, damaged or from an older version: rebuilt
             log.warning("%s", error)
             return build_table(cfg, load_split(cfg.paths.split, cfg.paths.split_table))

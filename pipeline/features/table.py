@@ -20,9 +20,9 @@ Loading the table reads the index only: its vectors stay in the store
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +50,7 @@ class FeatureTable(TypedDict):
     features: "np.ndarray | StoredVectors"  # (rows, dim) float32: in memory when built, else in the store
     label_index: np.ndarray  # (rows,) int, into meta["labels"]
     split: np.ndarray  # (rows,) train, validation or test
-    path: np.ndarray  # (rows,) the image file
+    path: NotRequired[np.ndarray]  # (rows,) the image file; left unread by `train` (load_table's columns)
     sha256: np.ndarray  # (rows,) its content hash
     copy: np.ndarray  # (rows,) the augmented copy's key; "" for the image itself
     meta: TableMeta
@@ -66,7 +66,9 @@ def originals(table: FeatureTable) -> FeatureTable:
     features = table["features"]
     kept = features.subset(keep) if isinstance(features, StoredVectors) else features[keep]
     return FeatureTable(
-        features=kept, **{name: table[name][keep] for name in ROW_COLUMNS}, meta=table["meta"]
+        features=kept,
+        **{name: table[name][keep] for name in ROW_COLUMNS if name in table},
+        meta=table["meta"],
     )
 
 
@@ -223,10 +225,16 @@ class StoredVectors:
 
 def column_array(column: pa.ChunkedArray) -> np.ndarray:
     """A column as numpy's own types: sorting and comparing object arrays fail or crawl.
-    Strings as numpy's variable-width StringDType: a content hash takes 80 bytes, not
-    the 256 of a fixed-width `<U64`, and a short split name 16, not 40."""
-    values = column.to_numpy(zero_copy_only=False)
-    return values.astype(StringDType()) if pa.types.is_string(column.type) else values
+    Strings as numpy's variable-width StringDType (a content hash takes 80 bytes, not
+    the 256 of a fixed-width `<U64`; a short split name 16, not 40), converted a
+    slice at a time: Arrow makes a Python object of every string on the way, and a
+    million of them at once left `train` holding hundreds of MB it no longer used."""
+    if not pa.types.is_string(column.type):
+        return column.to_numpy(zero_copy_only=False)
+    values = np.empty(len(column), StringDType())
+    for start in range(0, len(column), BATCH_ROWS):
+        values[start : start + BATCH_ROWS] = column.slice(start, BATCH_ROWS).to_numpy(zero_copy_only=False)
+    return values
 
 
 def check_shards(store: Path, names: np.ndarray, shards: np.ndarray, rows: np.ndarray, dim: int) -> None:
@@ -242,16 +250,16 @@ def check_shards(store: Path, names: np.ndarray, shards: np.ndarray, rows: np.nd
             raise ValueError(f"{name} holds fewer rows than the index names")
 
 
-def load_table(path: str | Path) -> FeatureTable:
-    """The table at `path`, its vectors left in the store; a DataError naming the
-    store when it is damaged or not one."""
+def load_table(path: str | Path, columns: Sequence[str] = ROW_COLUMNS) -> FeatureTable:
+    """The table at `path` with those of its row `columns` a stage uses, its vectors
+    left in the store; a DataError naming the store when it is damaged or not one."""
     store = Path(path)
     try:
         index = pq.ParquetFile(store / INDEX)
         meta = json.loads(index.schema_arrow.metadata[b"meta"])
-        # One column at a time, so that one column's Arrow and Python copies exist at once
-        # (the whole index at once cost a million-image `train` 1.4 GB).
-        columns = {name: column_array(index.read(columns=[name])[name]) for name in ROW_COLUMNS}
+        # One column at a time, so that one column's Arrow copy exists at once (the
+        # whole index at once cost a million-image `train` 1.4 GB).
+        arrays = {name: column_array(index.read(columns=[name])[name]) for name in columns}
         encoded = index.read(columns=["shard"])["shard"].combine_chunks().dictionary_encode()
         names, shards = encoded.dictionary.to_numpy(zero_copy_only=False), encoded.indices.to_numpy()
         rows = index.read(columns=["row"])["row"].to_numpy().astype(np.int32)
@@ -262,6 +270,7 @@ def load_table(path: str | Path) -> FeatureTable:
         raise DataError(f"{missing} not found: run the extract stage (dvc repro), or dvc pull it") from None
     except Exception as error:  # pyarrow, json and numpy raise many types for a damaged file
         raise DataError(f"{store} is damaged ({type(error).__name__}): delete it and run dvc repro") from None
-    columns["label_index"] = columns["label_index"].astype(np.int64)  # an empty table's is float
+    if "label_index" in arrays:
+        arrays["label_index"] = arrays["label_index"].astype(np.int64)  # an empty table's is float
     features = StoredVectors(store, names, shards.astype(np.int32), rows, dim)
-    return FeatureTable(features=features, **{name: columns[name] for name in ROW_COLUMNS}, meta=meta)
+    return FeatureTable(features=features, **arrays, meta=meta)

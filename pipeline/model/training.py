@@ -36,6 +36,10 @@ class EpochCurve(pl.Callback):
         self.rows.append(row)
 
 
+# What training reads of the table's rows: not the paths (at a million images, tens of MB)
+TABLE_COLUMNS = ("label_index", "split", "sha256", "copy")
+
+
 class FeatureRows:
     """One split's rows of the table as standardised (features, labels) batches of
     at most `batch_rows` (`train.feature_batch_rows`): read once and held when one
