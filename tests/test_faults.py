@@ -24,7 +24,7 @@ from pipeline import extract, split
 from pipeline.data.images import DataError, SettingError
 from pipeline.evaluation.metrics import mlflow_metric_name
 from pipeline.features.cache import FeatureCache
-from pipeline.features.table import load_table
+from pipeline.features.table import FeatureTable, TableMeta, load_table, save_table
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.project import tracking
 from pipeline.project.config import compose_config, output_overrides
@@ -163,6 +163,26 @@ def test_a_cache_file_that_is_not_sqlite_is_set_aside_and_rebuilt(extracted, cap
     assert f"feature cache {database} is damaged" in caplog.text
     assert list(database.parent.glob("features.sqlite.damaged-*"))  # kept for a look, not deleted
     assert same_features(cfg, clean)
+
+
+def test_a_non_finite_vector_in_the_store_stops_whoever_reads_it(tmp_path):
+    """NaN features would train a NaN head without a word; the store is named instead."""
+    features = np.ones((3, 4), np.float32)
+    features[1, 2] = np.nan
+    table = FeatureTable(
+        features=features,
+        label_index=np.array([0, 1, 0]),
+        split=np.array(["train"] * 3),
+        path=np.array(["a.png", "b.png", "c.png"]),
+        sha256=np.array(["1", "2", "3"]),
+        copy=np.array([""] * 3),
+        meta=TableMeta(extractor={"dim": 4}, labels=["x", "y"], split_sha256="", copies=[], skipped=[]),
+    )
+    save_table(tmp_path / "features", table)
+    stored = load_table(tmp_path / "features")["features"]
+    assert np.array_equal(stored[[0, 2]], features[[0, 2]])  # the rows beside it read as they are
+    with pytest.raises(DataError, match=f"{tmp_path / 'features'} is damaged .non-finite features"):
+        stored[[1]]
 
 
 @pytest.mark.parametrize("part", ["index.parquet", "shards"])
