@@ -1,5 +1,6 @@
 """Hydra entry points shared by every stage."""
 
+import gc
 import logging
 import os
 import sys
@@ -78,5 +79,21 @@ def stage_entry(task: Callable[[DictConfig], None]) -> Callable[[], None]:
     def main() -> None:
         sys.argv = accept_plus_for_defaulted_groups(sys.argv)
         hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task_or_exit)()
+        exit_without_final_collections()
 
     return main
+
+
+def exit_without_final_collections() -> None:
+    """Spare the process the garbage collections of interpreter shutdown.
+
+    A stage's process held torch, Lightning, MLflow, coremltools and their module
+    graphs, millions of objects, which the collections at shutdown walk again and
+    again: 1.3-1.7 s per stage on 2 cores (2.0-3.4 s under load) between its last line
+    and its exit, against 0.3-0.5 s with them frozen. What is garbage now is still
+    collected first, so every finaliser runs; what stays alive stays alive to the end
+    as it would anyway, and the atexit handlers (logging's flush, MLflow's
+    end of run, coremltools' temporary folders) run as before.
+    """
+    gc.collect()
+    gc.freeze()
