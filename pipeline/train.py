@@ -31,9 +31,11 @@ def run(cfg: DictConfig) -> None:
         write_csv(cfg.paths.curves, curve.rows, CURVE_COLUMNS)
         mlflow.log_artifact(cfg.paths.curves)
         mlflow.log_param("train.regularization_used", strength)  # the cross-validated choice, for `auto`
-        calibration = calibrate(cfg, table, head, strength)
+        calibration, held_out = calibrate(cfg, table, head, strength)
         mlflow.log_params({f"calibrate.{key}_used": value for key, value in calibration.items()})
-        save_checkpoint(cfg.paths.checkpoint, checkpoint_for(cfg, table, head, strength, calibration, run_id))
+        saved = held_out.saved(cfg, table) if held_out is not None else None
+        checkpoint = checkpoint_for(cfg, table, head, strength, calibration, run_id, saved)
+        save_checkpoint(cfg.paths.checkpoint, checkpoint)
     last = curve.rows[-1]
     log.info(
         "trained %s head for %d epochs: %s (MLflow run %s)",

@@ -4,6 +4,7 @@ import torch
 
 from pipeline.evaluation.metrics import evaluate
 from pipeline.features.table import load_table, save_table
+from pipeline.model.calibration import HeldOut, calibrate, out_of_fold
 from pipeline.model.head import ClassifierHead
 from pipeline.model.regularization import STRENGTHS, balanced_class_weights, fold_of_each_row
 from pipeline.model.training import EpochCurve, fit_head
@@ -145,3 +146,24 @@ def test_features_streamed_from_the_store_in_small_batches_train_the_same_head(h
         with torch.no_grad():
             assert torch.allclose(whole(features).softmax(1), streamed(features).softmax(1), atol=1e-4)
         assert evaluate(whole, table, batch_rows=5)[0] == evaluate(whole, table)[0]
+
+
+def test_evaluate_reuses_the_out_of_fold_logits_only_while_their_inputs_are_the_same():
+    """`train` keeps the logistic head's out-of-fold logits in the checkpoint; the
+    audit takes them instead of fitting the fold models again, unless the table or
+    the settings they were made from changed."""
+    cfg = compose_config("train.max_iterations=30", "train.regularization=0.01")
+    table = blobs_table(copies=1)
+    head, strength = fit_head(cfg, table, [])
+    _, held_out = calibrate(cfg, table, head, strength)
+    saved = held_out.saved(cfg, table)
+    reused = HeldOut.reused(saved, cfg, table)
+    refitted = out_of_fold(cfg, table, head, strength)
+    assert np.array_equal(reused.rows, refitted.rows)
+    assert torch.equal(reused.logits, refitted.logits) and torch.equal(reused.labels, refitted.labels)
+    relabelled = {**table, "label_index": np.roll(table["label_index"], 1)}
+    assert HeldOut.reused(saved, cfg, relabelled) is None
+    assert HeldOut.reused(saved, compose_config("train.max_iterations=30", "train.seed=1"), table) is None
+    assert HeldOut.reused(None, cfg, table) is None
+    mlp = compose_config("head=mlp", "train.max_iterations=5")
+    assert calibrate(mlp, table, fit_head(mlp, table, [])[0], 1e-4)[1] is None  # an MLP's are not kept

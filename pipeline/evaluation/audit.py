@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from sklearn.neighbors import NearestNeighbors
 
 from pipeline.features.table import FeatureTable
-from pipeline.model.calibration import out_of_fold
+from pipeline.model.calibration import HeldOut, out_of_fold
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.head import ClassifierHead
 
@@ -186,7 +186,9 @@ class Findings:
 def audit(cfg: DictConfig, table: FeatureTable, head: ClassifierHead, checkpoint: Checkpoint) -> Findings:
     """The whole audit of a feature table (with its augmented copies) and the head trained on it."""
     shift = head.shift.numpy()
-    held_out = out_of_fold(cfg, table, head, checkpoint.regularization)
+    held_out = HeldOut.reused(checkpoint.held_out, cfg, table)
+    if held_out is None:
+        held_out = out_of_fold(cfg, table, head, checkpoint.regularization)
     issues = []
     if held_out is not None:
         temperature = checkpoint.calibration["temperature"]

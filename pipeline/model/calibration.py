@@ -11,12 +11,14 @@ copies) and scored on its own fold, so every training and validation image gets
 probabilities from a model that never saw it. Those also feed the data audit.
 """
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.features.table import FeatureTable, in_image_order
 from pipeline.model.head import ClassifierHead
@@ -44,6 +46,38 @@ class HeldOut:
     rows: np.ndarray  # (N,) rows of the feature table: the train and validation images, no copies
     logits: torch.Tensor  # (N, labels) from the fold model that did not see the image; not calibrated
     labels: torch.Tensor  # (N,)
+
+    def saved(self, cfg: DictConfig, table: FeatureTable) -> dict:
+        """What the checkpoint keeps of them, with a digest of what they were made from:
+        `evaluate`'s audit stands on the same logits and need not fit the fold models
+        again (see `reused`)."""
+        return {
+            "inputs": out_of_fold_inputs(cfg, table),
+            "rows": torch.from_numpy(self.rows),
+            "logits": self.logits,
+            "labels": self.labels,
+        }
+
+    @classmethod
+    def reused(cls, saved: dict | None, cfg: DictConfig, table: FeatureTable) -> "HeldOut | None":
+        """The checkpoint's out-of-fold logits when they were made from this table and
+        these settings, else None. Fitting the fold models again, and importing torch's
+        compiler that its optimiser pulls in, took 2-3 s of a 2,000-image `evaluate`."""
+        if saved is None or saved["inputs"] != out_of_fold_inputs(cfg, table):
+            return None
+        return cls(saved["rows"].numpy(), saved["logits"], saved["labels"])
+
+
+def out_of_fold_inputs(cfg: DictConfig, table: FeatureTable) -> str:
+    """A digest of all that out_of_fold reads besides the head (which the checkpoint
+    holds): the train and validation rows with their copies and labels, the features'
+    extractor, and the head and training settings."""
+    rows = np.flatnonzero(np.isin(table["split"], HELD_OUT_SPLITS))
+    settings = OmegaConf.to_container(cfg.head, resolve=True), OmegaConf.to_container(cfg.train, resolve=True)
+    digest = hashlib.sha256(json.dumps([table["meta"]["extractor"], *settings], sort_keys=True).encode())
+    for column in ("sha256", "copy", "label_index"):
+        digest.update("\n".join(map(str, table[column][rows])).encode())
+    return digest.hexdigest()
 
 
 def out_of_fold(
@@ -94,21 +128,20 @@ def rejection_threshold(confidences: np.ndarray, keep: float) -> float:
 
 
 def held_out_for_calibration(
-    cfg: DictConfig, table: FeatureTable, head: ClassifierHead, strength: float
+    cfg: DictConfig, table: FeatureTable, head: ClassifierHead, logistic_out_of_fold: HeldOut | None
 ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """Uncalibrated logits of held-out images, their labels and what they are.
 
     The logistic head's out-of-fold models are the head itself trained on less; an
     MLP's are not, so an MLP is calibrated on its own logits of the validation images."""
     if not cfg.head.hidden_sizes:
-        held_out = out_of_fold(cfg, table, head, strength)
-        if held_out is not None:
-            return (
-                held_out.logits,
-                held_out.labels,
-                f"{len(held_out.rows)} training and validation images, out of fold",
-            )
-        return None
+        if logistic_out_of_fold is None:
+            return None
+        return (
+            logistic_out_of_fold.logits,
+            logistic_out_of_fold.labels,
+            f"{len(logistic_out_of_fold.rows)} training and validation images, out of fold",
+        )
     rows = np.flatnonzero((table["split"] == "validation") & (table["copy"] == ""))
     if len(rows) == 0:
         return None
@@ -117,13 +150,22 @@ def held_out_for_calibration(
     return logits, torch.from_numpy(table["label_index"][rows]), f"{len(rows)} validation images"
 
 
-def calibrate(cfg: DictConfig, table: FeatureTable, head: ClassifierHead, strength: float) -> dict:
-    """Set the head's temperature and return the calibration the checkpoint keeps:
-    temperature, rejection_threshold, keep, fitted_on."""
-    held_out = held_out_for_calibration(cfg, table, head, strength)
+def calibrate(
+    cfg: DictConfig, table: FeatureTable, head: ClassifierHead, strength: float
+) -> tuple[dict, HeldOut | None]:
+    """Set the head's temperature and return the calibration the checkpoint keeps
+    (temperature, rejection_threshold, keep, fitted_on), and the logistic head's
+    out-of-fold logits it stands on (None for an MLP, or too few images to fold)."""
+    logistic_out_of_fold = None if cfg.head.hidden_sizes else out_of_fold(cfg, table, head, strength)
+    held_out = held_out_for_calibration(cfg, table, head, logistic_out_of_fold)
     if held_out is None:
         log.warning("no held-out images to calibrate on: temperature 1, no rejection threshold")
-        return {"temperature": 1.0, "rejection_threshold": 0.0, "keep": 1.0, "fitted_on": "nothing"}
+        return {
+            "temperature": 1.0,
+            "rejection_threshold": 0.0,
+            "keep": 1.0,
+            "fitted_on": "nothing",
+        }, logistic_out_of_fold
     logits, labels, fitted_on = held_out
     setting = cfg.calibrate.temperature
     temperature = fit_temperature(logits, labels) if setting == "auto" else float(setting)
@@ -142,4 +184,4 @@ def calibrate(cfg: DictConfig, table: FeatureTable, head: ClassifierHead, streng
         "rejection_threshold": threshold,
         "keep": float(cfg.calibrate.keep),
         "fitted_on": fitted_on,
-    }
+    }, logistic_out_of_fold

@@ -28,6 +28,9 @@ class Checkpoint:
     regularization: float  # the L2 strength the head was trained with (chosen by cross-validation or set)
     calibration: dict  # temperature, rejection_threshold, keep, fitted_on (pipeline/model/calibration.py)
     state_dict: dict = field(repr=False)
+    # The logistic head's out-of-fold logits (HeldOut.saved in pipeline/model/calibration.py),
+    # which evaluate's audit reuses; None for an MLP or a checkpoint written before them.
+    held_out: dict | None = field(default=None, repr=False)
 
     @property
     def crop_and_scale(self) -> str:

@@ -196,6 +196,7 @@ def checkpoint_for(
     strength: float,
     calibration: dict,
     run_id: str,
+    held_out: dict | None = None,
 ) -> Checkpoint:
     return Checkpoint(
         labels=table["meta"]["labels"],
@@ -209,4 +210,5 @@ def checkpoint_for(
         regularization=strength,
         calibration=calibration,
         state_dict=head.state_dict(),
+        held_out=held_out,
     )
