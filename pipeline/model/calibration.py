@@ -39,6 +39,7 @@ HELD_OUT_SPLITS = ("train", "validation")
 # on a stratified sample of whole images: a temperature is one number, and five
 # models over a million feature vectors would cost minutes where 20,000 cost seconds.
 MAX_HELD_OUT_ROWS = 20_000
+DIGEST_ROWS = 65_536  # rows of the out-of-fold inputs hashed at a time
 
 
 @dataclass
@@ -65,7 +66,11 @@ class HeldOut:
         compiler that its optimiser pulls in, took 2-3 s of a 2,000-image `evaluate`."""
         if saved is None or saved["inputs"] != out_of_fold_inputs(cfg, table):
             return None
-        return cls(saved["rows"].numpy(), saved["logits"], saved["labels"])
+        rows, logits, labels = saved["rows"].numpy(), saved["logits"], saved["labels"]
+        width = (len(table["meta"]["labels"]),)
+        if not (len(rows) == len(logits) == len(labels)) or tuple(logits.shape[1:]) != width:
+            return None  # not what `saved` writes: fitted again
+        return cls(rows, logits, labels)
 
 
 def out_of_fold_inputs(cfg: DictConfig, table: FeatureTable) -> str:
@@ -76,7 +81,10 @@ def out_of_fold_inputs(cfg: DictConfig, table: FeatureTable) -> str:
     settings = OmegaConf.to_container(cfg.head, resolve=True), OmegaConf.to_container(cfg.train, resolve=True)
     digest = hashlib.sha256(json.dumps([table["meta"]["extractor"], *settings], sort_keys=True).encode())
     for column in ("sha256", "copy", "label_index"):
-        digest.update("\n".join(map(str, table[column][rows])).encode())
+        values = table[column][rows]
+        # a slice at a time: a million hashes as Python strings, joined, took about 0.2 GB
+        for start in range(0, len(values), DIGEST_ROWS):
+            digest.update("\n".join(map(str, values[start : start + DIGEST_ROWS])).encode())
     return digest.hexdigest()
 
 
