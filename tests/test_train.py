@@ -165,5 +165,6 @@ def test_evaluate_reuses_the_out_of_fold_logits_only_while_their_inputs_are_the_
     assert HeldOut.reused(saved, cfg, relabelled) is None
     assert HeldOut.reused(saved, compose_config("train.max_iterations=30", "train.seed=1"), table) is None
     assert HeldOut.reused(None, cfg, table) is None
+    assert HeldOut.reused({**saved, "logits": saved["logits"][:, :1]}, cfg, table) is None  # not its shape
     mlp = compose_config("head=mlp", "train.max_iterations=5")
     assert calibrate(mlp, table, fit_head(mlp, table, [])[0], 1e-4)[1] is None  # an MLP's are not kept
