@@ -153,7 +153,7 @@ def fill_cache(entries: list[Entry], cfg: DictConfig, cache: FeatureCache) -> li
     if not jobs:
         log.info("all %d feature vectors were cached", len(entries))
         return []
-    total, started = sum(len(job.entries) for job in jobs), time.perf_counter()
+    total, started = entry_count(jobs), time.perf_counter()
     if cfg.extract.engine == "ray":
         from pipeline.features.ray_engine import extract_on_ray  # imports ray: only runs that use it pay
 
@@ -171,8 +171,13 @@ def fill_cache(entries: list[Entry], cfg: DictConfig, cache: FeatureCache) -> li
     return failed
 
 
-def progress(total: int, runtime: str) -> tqdm:
-    return tqdm(total=total, unit="img", desc=f"extract ({runtime})", disable=not show_progress())
+def entry_count(jobs: list[Job]) -> int:
+    """Feature vectors the jobs make: an image and each of its augmented copies."""
+    return sum(len(job.entries) for job in jobs)
+
+
+def progress(jobs: list[Job], runtime: str) -> tqdm:
+    return tqdm(total=entry_count(jobs), unit="img", desc=f"extract ({runtime})", disable=not show_progress())
 
 
 def extract_here(jobs: list[Job], cfg: DictConfig, cache: FeatureCache) -> tuple[str, list[dict]]:
@@ -193,11 +198,11 @@ def extract_here(jobs: list[Job], cfg: DictConfig, cache: FeatureCache) -> tuple
         cache=cache,
     )
     failed = []
-    with ThreadPoolExecutor(workers) as pool, progress(sum(len(job.entries) for job in jobs), runtime) as bar:
+    with ThreadPoolExecutor(workers) as pool, progress(jobs, runtime) as bar:
         batches = list(batches_of(jobs, cfg.extract.batch_size))
         for batch, batch_failed in zip(batches, in_order(pool, task, batches, ahead=workers), strict=True):
             failed += batch_failed
-            bar.update(sum(len(job.entries) for job in batch))
+            bar.update(entry_count(batch))
     return runtime, failed
 
 

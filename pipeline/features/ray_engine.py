@@ -28,7 +28,7 @@ from pipeline.data.images import DataError, SettingError, follow_pixel_limit
 from pipeline.data.storage import is_s3
 from pipeline.features.augment import Copy, planned_copies
 from pipeline.features.cache import FeatureCache
-from pipeline.features.extraction import Job, entry_key, features_of, progress
+from pipeline.features.extraction import Job, entry_count, entry_key, features_of, progress
 from pipeline.features.runtime import exported_onnx, onnx_session_runner, torch_runner
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def extract_on_ray(jobs: list[Job], cfg: DictConfig, cache: FeatureCache) -> tup
         runtime = cluster_runtime(cfg.extract.runtime)
         results = extraction(jobs, cfg, cache, runtime)
         paths, failed, done = {job.sha256: job.path for job in jobs}, [], 0
-        with progress(sum(len(job.entries) for job in jobs), f"{runtime} on ray") as bar:
+        with progress(jobs, f"{runtime} on ray") as bar:
             try:
                 for block in results.iter_batches(batch_size=None, batch_format="numpy"):
                     vectors = {}
@@ -209,7 +209,7 @@ def extraction(jobs: list[Job], cfg: DictConfig, cache: FeatureCache, runtime: s
     onnx_model = None
     if runtime == "onnxruntime":  # sent to the actors: the nodes need not see this disk
         onnx_model = exported_onnx(cfg.extractor, cache.onnx_backbone).read_bytes()
-    entries_per_job = sum(len(job.entries) for job in jobs) / len(jobs)
+    entries_per_job = entry_count(jobs) / len(jobs)
     log.info("extracting on the Ray cluster: up to %d %s actors", workers, runtime)
     return ray.data.from_items(job_rows(jobs)).map_batches(
         BatchExtractor,

@@ -112,9 +112,9 @@ def choose_strength(
     `features` are already standardised: a tensor, or anything that row numbers index
     into one (training's `FeatureRows`, which reads only the sampled rows from the
     store). Log-loss rather than accuracy: on small folds accuracy ties across most
-    strengths, log-loss does not. On a sample of a
-    large set the choice is rescaled by sample size / set size: the penalty on the
-    mean loss is a fixed prior divided by the number of images it is spread over.
+    strengths, log-loss does not. On a sample of a large set the choice is rescaled
+    by sample size / set size: the penalty on the mean loss is a fixed prior divided
+    by the number of images it is spread over.
     """
     rows = sample_of_groups(labels.numpy(), groups, MAX_CV_ROWS, seed)
     folds = usable_folds(labels[rows].numpy(), groups[rows], folds)
