@@ -84,9 +84,10 @@ def metric_value(metrics: dict, dotted: str) -> float:
 def decide(candidate: float, champion: float | None, margin: float) -> tuple[bool, str]:
     if champion is None:
         return True, f"first model: {candidate:.4f}"
-    if candidate >= champion + margin:
+    # A tie keeps the champion: with margin 0, an equal score is no reason to swap the served model.
+    if candidate > champion and candidate >= champion + margin:
         return True, f"{candidate:.4f} beats the champion's {champion:.4f} by at least {margin}"
-    return False, f"{candidate:.4f} does not beat the champion's {champion:.4f} by {margin}"
+    return False, f"{candidate:.4f} does not beat the champion's {champion:.4f} by more than {margin}"
 
 
 def latest_version(client: mlflow.MlflowClient, name: str) -> int:

@@ -119,3 +119,12 @@ def test_readme_cron_line_runs_the_job(project, tmp_path):
     result = subprocess.run(["/bin/sh", "-c", cron_line], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr  # nothing changed since the last test
     assert "up to date" in (project / "retrain.log").read_text()
+
+
+def test_a_tie_keeps_the_champion_even_with_no_margin():
+    from pipeline.retrain import decide
+
+    promote, why = decide(0.95, 0.95, 0.0)
+    assert not promote, why
+    assert decide(0.96, 0.95, 0.0)[0]
+    assert not decide(0.955, 0.95, 0.01)[0]
