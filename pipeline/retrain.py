@@ -87,7 +87,7 @@ def decide(candidate: float, champion: float | None, margin: float) -> tuple[boo
     # A tie keeps the champion: with margin 0, an equal score is no reason to swap the served model.
     if candidate > champion and candidate >= champion + margin:
         return True, f"{candidate:.4f} beats the champion's {champion:.4f} by at least {margin}"
-    return False, f"{candidate:.4f} does not beat the champion's {champion:.4f} by more than {margin}"
+    return False, f"{candidate:.4f} does not beat the champion's {champion:.4f} by {margin}"
 
 
 def latest_version(client: mlflow.MlflowClient, name: str) -> int:

@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, copy_project, project_env, run
 from PIL import Image, ImageOps
 
+from pipeline.retrain import decide
+
 pytestmark = pytest.mark.slow
 RETRAIN = [sys.executable, "-m", "pipeline.retrain"]
 
@@ -122,8 +124,6 @@ def test_readme_cron_line_runs_the_job(project, tmp_path):
 
 
 def test_a_tie_keeps_the_champion_even_with_no_margin():
-    from pipeline.retrain import decide
-
     promote, why = decide(0.95, 0.95, 0.0)
     assert not promote, why
     assert decide(0.96, 0.95, 0.0)[0]
