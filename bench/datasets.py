@@ -19,6 +19,8 @@ The sets:
   the PNGs they are (transparency, original aspect ratio; only huge ones scaled down).
 - clipart: openclipart clip art of 9 more categories, composited on white, 300 px
   shorter side, JPEG, exactly as the demo was made.
+- coarse: openclipart's 11 top-level categories (animals, food, people, ...) as
+  labels, made like clipart, with 25 test images per label (275 in all).
 - emoji: Noto Color Emoji glyphs (136x128 RGBA PNGs), labelled by their Unicode
   emoji group/subgroup (emoji-test.txt), 10 labels.
 
@@ -27,7 +29,7 @@ under two labels is left out). Left out too: black-and-white `_bw` variants, ico
 under 64 px, one "Linked Image Not Found" placeholder, emoji skin-tone variants.
 Variants of one drawing, as far as names tell (`eagle_01`, `eagle_02`; "man biking",
 "woman biking"), go to the same split, at most 4 of them, so that the test set holds
-no recolouring of a training image and no series fills a label. Per label: 12 or 13
+no recolouring of a training image and no series fills a label. Per label: 12, 13 or 25
 test images, then up to 40 training images. Same sources, same sets, byte for byte.
 """
 
@@ -130,6 +132,21 @@ CLIPART = {
     "map": Category("geography"),  # maps, globes, country outlines
     "road-sign": Category("transportation/roadsigns"),
 }
+# openclipart's top-level categories as labels: broad, mixed kinds of drawing each,
+# and 25 test images per label, so that one image is 0.36 points (the others: 0.8-1).
+COARSE = {
+    "animal": Category("animals"),
+    "building": Category("buildings"),
+    "food": Category("food"),
+    "geography": Category("geography"),
+    "office": Category("office"),
+    "people": Category("people"),
+    "plant": Category("plants"),
+    "recreation": Category("recreation"),
+    "sign": Category("signs_and_symbols"),
+    "tool": Category("tools"),
+    "transport": Category("transportation"),
+}
 
 
 def drawing_group(path: Path) -> str:
@@ -199,6 +216,11 @@ def build_objects(target: Path, sources: Path) -> None:
 def build_clipart(target: Path, sources: Path) -> None:
     root = source(sources, OPENCLIPART)
     write_set(clipart_items(root, CLIPART, on_white_jpeg, ".jpg"), target, test_per_label=12)
+
+
+def build_coarse(target: Path, sources: Path) -> None:
+    root = source(sources, OPENCLIPART)
+    write_set(clipart_items(root, COARSE, on_white_jpeg, ".jpg"), target, test_per_label=25)
 
 
 # --- emoji ------------------------------------------------------------------------
@@ -331,7 +353,7 @@ def write_set(items: list[Item], target: Path, test_per_label: int) -> None:
 
 # --- the sets --------------------------------------------------------------------------
 
-BUILDERS = {"objects": build_objects, "clipart": build_clipart, "emoji": build_emoji}
+BUILDERS = {"objects": build_objects, "clipart": build_clipart, "coarse": build_coarse, "emoji": build_emoji}
 NAMES = ["demo", *BUILDERS]
 
 

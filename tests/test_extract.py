@@ -18,6 +18,7 @@ from conftest import REPO, make_dataset, project_env, with_exported_v1
 from pipeline import extract, split
 from pipeline.data.images import load_rgb, to_square
 from pipeline.features.augment import AUGMENTATIONS, augmented, planned_copies
+from pipeline.features.backbone import export_feature_extractor
 from pipeline.features.cache import FeatureCache
 from pipeline.features.runtime import onnx_runner, torch_runner
 from pipeline.features.table import load_table
@@ -65,6 +66,21 @@ def test_onnxruntime_features_match_torch(exported_v1):
     fast, reference = onnx_runner(extractor, exported_v1)(pixels), torch_runner(extractor)(pixels)
     assert fast.shape == reference.shape == (len(DEMO_IMAGES), 1280)
     assert np.abs(fast - reference).max() < 1e-4
+
+
+def test_v2_pools_every_stage_and_its_onnx_export_matches_torch(tmp_path):
+    """v2's features are v1's last 1280 plus each stage's mean and spread, and the
+    ONNX graph that `extract` runs computes exactly them."""
+    v1, v2 = compose_config().extractor, compose_config("extractor=v2").extractor
+    export_feature_extractor(v2, tmp_path / "v2.onnx")
+    pixels = decoded(DEMO_IMAGES)
+    fast, reference = onnx_runner(v2, tmp_path / "v2.onnx")(pixels), torch_runner(v2)(pixels)
+    assert fast.shape == reference.shape == (len(DEMO_IMAGES), 2 * 784 + 1280)
+    # relative too: the middle stages' features run to about 10, the last layer's to 3
+    assert np.allclose(fast, reference, rtol=1e-4, atol=1e-4)
+    assert np.allclose(reference[:, -1280:], torch_runner(v1)(pixels), atol=1e-5)
+    spreads = reference[:, 16 : 2 * 16]  # the first stage's: 16 channels, mean then spread
+    assert (spreads > 0).all()  # a spread, not another mean: no 2 images are flat
 
 
 def test_only_new_images_are_extracted_and_renames_extract_nothing(tmp_path, exported_v1):

@@ -48,17 +48,17 @@ def new_run_id(cfg) -> str:
 
 
 def hand_made_checkpoint(
-    cfg, labels: list[str], crop_and_scale: str, hidden_sizes: list[int], seed: int
+    cfg, labels: list[str], crop_and_scale: str, hidden_sizes: list[int], seed: int, dim: int = 1280
 ) -> Checkpoint:
-    """A random head for v1 features, standardisation included, in a new MLflow run."""
+    """A random head for `dim` features (v1's), standardisation included, in a new MLflow run."""
     torch.manual_seed(seed)
-    head = ClassifierHead(1280, len(labels), hidden_sizes).eval()
-    head.standardise_on(torch.rand(64, 1280) * 2)  # not the identity: the models must include it
+    head = ClassifierHead(dim, len(labels), hidden_sizes).eval()
+    head.standardise_on(torch.rand(64, dim) * 2)  # not the identity: the models must include it
     with torch.no_grad():
         head.layers[-1].weight *= 20  # confident, as trained heads are, not near-uniform
     return Checkpoint(
         labels=labels,
-        in_features=1280,
+        in_features=dim,
         head={"type": "mlp" if hidden_sizes else "logistic", "hidden_sizes": hidden_sizes, "dropout": 0.0},
         extractor=describe(cfg.extractor, crop_and_scale),
         input_size=cfg.extractor.input_size,
@@ -186,6 +186,28 @@ def test_a_new_head_reuses_the_cached_backbone_and_the_twin_matches_torch(conver
     noise = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     twin, reference = twin_and_torch(cfg, np.stack([*photos, *noise]))
     assert twin.shape == (len(photos) + 2, 2)
+    assert np.abs(twin - reference).max() < 1e-4
+    assert reference.max() > 0.9  # probabilities far from uniform: the comparison means something
+
+
+def test_v2_exports_its_every_stage_features_in_both_formats(tmp_path, monkeypatch):
+    """The Core ML backbone of v2 outputs its 2848 features, and the ONNX twin gives
+    the probabilities torch gives on the demo's test images."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_config(
+        *output_overrides(tmp_path / "out"),
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "extractor=v2",
+    )
+    save_checkpoint(
+        cfg.paths.checkpoint, hand_made_checkpoint(cfg, LABELS, "scaleFill", [], seed=2, dim=2848)
+    )
+    convert.run(cfg)
+    backbone, _ = core_ml_model(cfg).get_spec().pipelineClassifier.pipeline.models
+    (features,) = backbone.description.output
+    assert list(features.type.multiArrayType.shape) == [1, 2848]
+    photos = np.stack([to_square(load_rgb(path, 224), 224, "scaleFill") for path in DEMO_IMAGES])
+    twin, reference = twin_and_torch(cfg, photos)
     assert np.abs(twin - reference).max() < 1e-4
     assert reference.max() > 0.9  # probabilities far from uniform: the comparison means something
 

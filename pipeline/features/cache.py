@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # Bump when images.load_rgb or images.to_square change what they produce:
 # it invalidates every cached feature.
 PREPROCESSING = "exif-upright,alpha-on-white,jpeg-draft,box-reduce,bilinear/3"
+LAYERS = ("last", "all")  # extractor.layers: the backbone's layers pooled (features/backbone.py)
 
 
 def weights_file(package: str) -> Path:
@@ -35,8 +36,8 @@ def weights_file(package: str) -> Path:
 def extractor_fingerprint(extractor: DictConfig, crop_and_scale: str) -> str:
     """Identifies features: same fingerprint, same numbers for the same image.
 
-    Covers the architecture, the exact weights, and the preprocessing settings
-    (input size, normalisation, crop and scale), but not names, batch size or
+    Covers the architecture, the exact weights, the layers pooled and the
+    preprocessing settings (input size, normalisation, crop and scale), but not names, batch size or
     runtime (the runtimes agree to 1e-4, tests/test_extract.py).
     """
     check_crop_and_scale(crop_and_scale)  # before any image is decoded, not once per image
@@ -47,6 +48,8 @@ def extractor_fingerprint(extractor: DictConfig, crop_and_scale: str) -> str:
         weights_file(extractor.weights_package).read_bytes()
     ).hexdigest()
     settings["preprocessing"] = PREPROCESSING
+    if extractor.get("layers", "last") != "last":  # the last layer's features keep their fingerprint
+        settings["layers"] = extractor.layers
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
