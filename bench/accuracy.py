@@ -44,12 +44,12 @@ STAGES = (split, extract, train, evaluate)  # convert adds nothing to accuracy
 
 # name -> Hydra overrides. Each changes one thing against the defaults.
 OPTIONS = {
-    "default": [],  # scaleFill, mirrored copies, the cross-validated logistic head, v1
+    "default": [],  # scaleFill, mirrored copies, the cross-validated logistic head, v2
     "centerCrop": ["extract.crop_and_scale=centerCrop"],
     "scaleFit": ["extract.crop_and_scale=scaleFit"],
     "head=mlp": ["head=mlp"],
     "flip=0": ["augment.flip=0"],
-    "extractor=v2": ["extractor=v2"],
+    "extractor=v1": ["extractor=v1"],
 }
 QUICK_OPTIONS = ["default", "centerCrop", "scaleFit", "flip=0"]
 QUICK_DATASETS = ["demo", "objects"]

@@ -27,15 +27,15 @@ def cfg_factory(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def exported_v1(tmp_path_factory) -> Path:
-    """v1 exported for onnxruntime once per session: the export takes a few seconds."""
+def exported_backbone(tmp_path_factory) -> Path:
+    """The default extractor exported for onnxruntime once per session: the export takes seconds."""
     path = tmp_path_factory.mktemp("onnx") / "backbone.onnx"
     export_feature_extractor(compose_config().extractor, path)
     return path
 
 
-def with_exported_v1(cfg, exported: Path):
-    """`cfg`, its feature cache holding the session's exported v1 backbone."""
+def with_exported_backbone(cfg, exported: Path):
+    """`cfg`, its feature cache holding the session's exported default backbone."""
     with FeatureCache(cfg.paths.feature_cache, cfg.extractor, cfg.extract.crop_and_scale) as cache:
         shutil.copy(exported, cache.onnx_backbone)
     return cfg

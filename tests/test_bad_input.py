@@ -9,7 +9,7 @@ import numpy as np
 import pillow_heif
 import pytest
 import torch
-from conftest import with_exported_v1
+from conftest import with_exported_backbone
 from PIL import Image
 
 from pipeline import convert, evaluate, extract, split, train
@@ -92,7 +92,7 @@ def checksums(root) -> dict:
 
 
 @pytest.mark.slow
-def test_messy_folder_runs_through_the_whole_pipeline(tmp_path, monkeypatch, exported_v1):
+def test_messy_folder_runs_through_the_whole_pipeline(tmp_path, monkeypatch, exported_backbone):
     data = tmp_path / "data"
     good = []
     for seed, (label, colour) in enumerate(LABELS.items()):
@@ -111,7 +111,7 @@ def test_messy_folder_runs_through_the_whole_pipeline(tmp_path, monkeypatch, exp
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         *output_overrides(out),
     )
-    with_exported_v1(cfg, exported_v1)
+    with_exported_backbone(cfg, exported_backbone)
     for stage in (split, extract, train, evaluate, convert):
         stage.run(cfg)
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_dataset, project_env, with_exported_v1
+from conftest import REPO, make_dataset, project_env, with_exported_backbone
 
 from pipeline import extract, split
 from pipeline.data.images import load_rgb, to_square
 from pipeline.features.augment import AUGMENTATIONS, augmented, planned_copies
-from pipeline.features.backbone import export_feature_extractor
 from pipeline.features.cache import FeatureCache
 from pipeline.features.runtime import onnx_runner, torch_runner
 from pipeline.features.table import load_table
@@ -60,21 +59,12 @@ def split_and_extract(cfg) -> dict:
     return load_table(cfg.paths.features)
 
 
-def test_onnxruntime_features_match_torch(exported_v1):
-    extractor = compose_config().extractor
+def test_default_features_pool_every_stage_and_onnxruntime_matches_torch(exported_backbone):
+    """The default (v2) features are v1's last 1280 plus each stage's mean and spread,
+    and the ONNX graph that `extract` runs computes exactly them."""
+    v2, v1 = compose_config().extractor, compose_config("extractor=v1").extractor
     pixels = decoded(DEMO_IMAGES)
-    fast, reference = onnx_runner(extractor, exported_v1)(pixels), torch_runner(extractor)(pixels)
-    assert fast.shape == reference.shape == (len(DEMO_IMAGES), 1280)
-    assert np.abs(fast - reference).max() < 1e-4
-
-
-def test_v2_pools_every_stage_and_its_onnx_export_matches_torch(tmp_path):
-    """v2's features are v1's last 1280 plus each stage's mean and spread, and the
-    ONNX graph that `extract` runs computes exactly them."""
-    v1, v2 = compose_config().extractor, compose_config("extractor=v2").extractor
-    export_feature_extractor(v2, tmp_path / "v2.onnx")
-    pixels = decoded(DEMO_IMAGES)
-    fast, reference = onnx_runner(v2, tmp_path / "v2.onnx")(pixels), torch_runner(v2)(pixels)
+    fast, reference = onnx_runner(v2, exported_backbone)(pixels), torch_runner(v2)(pixels)
     assert fast.shape == reference.shape == (len(DEMO_IMAGES), 2 * 784 + 1280)
     # relative too: the middle stages' features run to about 10, the last layer's to 3
     assert np.allclose(fast, reference, rtol=1e-4, atol=1e-4)
@@ -83,9 +73,9 @@ def test_v2_pools_every_stage_and_its_onnx_export_matches_torch(tmp_path):
     assert (spreads > 0).all()  # a spread, not another mean: no 2 images are flat
 
 
-def test_only_new_images_are_extracted_and_renames_extract_nothing(tmp_path, exported_v1):
+def test_only_new_images_are_extracted_and_renames_extract_nothing(tmp_path, exported_backbone):
     make_dataset(tmp_path / "data/train", per_label=8)
-    cfg = with_exported_v1(compose_config(*overrides_for(tmp_path)), exported_v1)
+    cfg = with_exported_backbone(compose_config(*overrides_for(tmp_path)), exported_backbone)
     split_and_extract(cfg)
     first = cache_entries(cfg)
     assert len(first) == 24
@@ -107,10 +97,10 @@ def test_only_new_images_are_extracted_and_renames_extract_nothing(tmp_path, exp
     assert len(table["path"]) == 27
 
 
-def test_killed_extraction_resumes_and_never_reads_a_partial_entry(tmp_path, exported_v1, caplog):
+def test_killed_extraction_resumes_and_never_reads_a_partial_entry(tmp_path, exported_backbone, caplog):
     images = make_dataset(tmp_path / "data/train", per_label=100)
     overrides = overrides_for(tmp_path)
-    cfg = with_exported_v1(compose_config(*overrides), exported_v1)
+    cfg = with_exported_backbone(compose_config(*overrides), exported_backbone)
     split.run(cfg)
     stage = subprocess.Popen(
         [sys.executable, "-m", "pipeline.extract", *overrides],
@@ -134,15 +124,17 @@ def test_killed_extraction_resumes_and_never_reads_a_partial_entry(tmp_path, exp
     assert {key: after[key] for key in before_resume} == before_resume
     table = load_table(cfg.paths.features)
     order = [table["path"].tolist().index(str(path)) for path in images]
-    expected = onnx_runner(cfg.extractor, exported_v1)(decoded(images))
+    expected = onnx_runner(cfg.extractor, exported_backbone)(decoded(images))
     assert np.abs(table["features"][order] - expected).max() < 1e-5
 
 
-def test_augmented_copies_are_cached_per_augmentation_for_training_images_only(tmp_path, exported_v1):
+def test_augmented_copies_are_cached_per_augmentation_for_training_images_only(tmp_path, exported_backbone):
     make_dataset(tmp_path / "data/train", per_label=10)
     make_dataset(tmp_path / "data/test", per_label=2, start=100)
     options = overrides_for(tmp_path, "split.validation=0.2")
-    cfg = with_exported_v1(compose_config(*options, "augment.flip=2", "augment.noise=1"), exported_v1)
+    cfg = with_exported_backbone(
+        compose_config(*options, "augment.flip=2", "augment.noise=1"), exported_backbone
+    )
     table = split_and_extract(cfg)
     copies = table["copy"] != ""
     n_train = int((table["split"][~copies] == "train").sum())

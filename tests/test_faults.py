@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import REPO, copy_project, make_dataset, project_env, run, with_exported_v1, write_image
+from conftest import REPO, copy_project, make_dataset, project_env, run, with_exported_backbone, write_image
 from PIL import Image, ImageOps
 
 from pipeline import extract, split
@@ -96,7 +96,7 @@ def test_a_bad_setting_fails_before_the_seconds_of_heavy_imports(stage):
 
 
 @pytest.fixture
-def extracted(tmp_path, exported_v1):
+def extracted(tmp_path, exported_backbone):
     """A small project after split and extract: its config."""
     make_dataset(tmp_path / "data/train", per_label=6)
     cfg = compose_config(
@@ -105,7 +105,7 @@ def extracted(tmp_path, exported_v1):
         "data.test_dir=null",
         "augment.flip=0",
     )
-    with_exported_v1(cfg, exported_v1)
+    with_exported_backbone(cfg, exported_backbone)
     split.run(cfg)
     extract.run(cfg)
     return cfg

@@ -9,7 +9,7 @@ from pathlib import Path
 import coremltools as ct
 import numpy as np
 import pytest
-from conftest import REPO, with_exported_v1
+from conftest import REPO, with_exported_backbone
 from PIL import Image
 
 from pipeline import convert, evaluate, extract, split, train
@@ -72,7 +72,7 @@ def test_unknown_option_stops_a_stage_with_one_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("crop_and_scale", CROP_AND_SCALE)
 def test_predict_gives_what_evaluate_recorded_and_core_ml_names_the_option(
-    crop_and_scale, tmp_path, monkeypatch, exported_v1
+    crop_and_scale, tmp_path, monkeypatch, exported_backbone
 ):
     """The option reaches every place an image is made square: training (`evaluate`'s
     predictions), `predict` through the ONNX twin, and the Core ML model's metadata."""
@@ -85,7 +85,7 @@ def test_predict_gives_what_evaluate_recorded_and_core_ml_names_the_option(
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"extract.crop_and_scale={crop_and_scale}",
     )
-    with_exported_v1(cfg, exported_v1)
+    with_exported_backbone(cfg, exported_backbone)
     for stage in (split, extract, train, evaluate, convert):
         stage.run(cfg)
     with open(cfg.paths.predictions, encoding="utf-8") as file:

@@ -75,8 +75,8 @@ def hand_made_checkpoint(
 def converted(tmp_path_factory):
     """`convert` of a hand-made logistic head into an empty feature cache: its config."""
     root = tmp_path_factory.mktemp("convert")
-    cfg = compose_config(
-        *output_overrides(root / "out"), f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"
+    cfg = compose_config(  # v1: the compatible print keeps converting as it did
+        *output_overrides(root / "out"), f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", "extractor=v1"
     )
     with pytest.MonkeyPatch.context() as env:
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -191,8 +191,8 @@ def test_a_new_head_reuses_the_cached_backbone_and_the_twin_matches_torch(conver
 
 
 def test_v2_exports_its_every_stage_features_in_both_formats(tmp_path, monkeypatch):
-    """The Core ML backbone of v2 outputs its 2848 features, and the ONNX twin gives
-    the probabilities torch gives on the demo's test images."""
+    """The Core ML backbone of v2 (the default) outputs its 2848 features, and the ONNX
+    twin gives the probabilities torch gives on the demo's test images."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_config(
         *output_overrides(tmp_path / "out"),
@@ -239,12 +239,12 @@ def test_convert_with_a_cached_backbone_imports_only_what_it_needs_and_leaves_no
     assert not left
 
 
-def test_exported_backbones_pad_by_constants(exported_v1, converted):
+def test_exported_backbones_pad_by_constants(exported_backbone, converted):
     """timm's TF-style "same" padding, computed from the input's shape, is fixed at
     export: no shape arithmetic in the graphs, which onnxruntime then reduces to
     convolutions (pipeline.features.backbone.fix_same_padding)."""
     twin = f"{converted.paths.models_dir}/{converted.model.name}.onnx"
-    for path in (exported_v1, twin):
+    for path in (exported_backbone, twin):
         operators = {node.op_type for node in onnx.load(path).graph.node}
         assert "Conv" in operators and not {"Shape", "Ceil"} & operators, path
 

@@ -63,7 +63,7 @@ def test_first_repro_writes_model_metrics_and_a_finished_mlflow_run(demo_project
     client, runs = mlflow_runs(project)
     latest = runs[0]
     assert latest.info.status == "FINISHED"
-    assert latest.data.params["extractor.name"] == "v1"
+    assert latest.data.params["extractor.name"] == "v2"  # the default
     assert latest.data.metrics["test_accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     epochs = len((project / "reports/training_curves.csv").read_text().splitlines()) - 1
     assert 2 <= epochs <= 100  # L-BFGS stops when converged, at most train.max_iterations
@@ -114,20 +114,20 @@ def test_metadata_change_reruns_convert_alone(project):
     assert ran_stages(run(["dvc", "repro"], project).stdout) == ["convert"]
 
 
-def test_extractor_v2_reruns_extract_onward(project):
-    edit_conf(project, "- extractor: v1", "- extractor: v2")
+def test_extractor_v1_reruns_extract_onward(project):
+    edit_conf(project, "- extractor: v2", "- extractor: v1")
     assert ran_stages(run(["dvc", "repro"], project).stdout) == ["extract", "train", "evaluate", "convert"]
     _, runs = mlflow_runs(project)
-    assert runs[0].data.params["extractor.name"] == "v2"
-    print("demo v2 metrics:", (project / "reports/metrics.json").read_text())
+    assert runs[0].data.params["extractor.name"] == "v1"
+    print("demo v1 metrics:", (project / "reports/metrics.json").read_text())
 
 
-def test_train_plus_extractor_v2_as_typed(project):
-    assert not list((project / "artifacts/feature_cache").glob("v2-*"))  # no v2 features yet
-    result = run([sys.executable, "-m", "pipeline.train", "+extractor=v2"], project)
-    assert "v2" in result.stdout
+def test_train_plus_extractor_v1_as_typed(project):
+    assert not list((project / "artifacts/feature_cache").glob("v1-*"))  # no v1 features yet
+    result = run([sys.executable, "-m", "pipeline.train", "+extractor=v1"], project)
+    assert "v1" in result.stdout
     _, runs = mlflow_runs(project)
-    assert runs[0].data.params["extractor.name"] == "v2"
+    assert runs[0].data.params["extractor.name"] == "v1"
     assert runs[0].info.status == "FINISHED"
 
 
@@ -154,7 +154,7 @@ def walk(node):
 
 
 def test_mlflow_server_compares_runs_across_extractors(project):
-    edit_conf(project, "- extractor: v1", "- extractor: v2")  # a v2 run beside the v1 run
+    edit_conf(project, "- extractor: v2", "- extractor: v1")  # a v1 run beside the v2 run
     run(["dvc", "repro"], project)
     with socket.socket() as probe:  # a free port on loopback
         probe.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import coremltools as ct
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, with_exported_v1
+from conftest import REPO, with_exported_backbone
 from PIL import Image
 
 from pipeline import evaluate, extract, split, train
@@ -27,13 +27,13 @@ from pipeline.project.config import compose_config, output_overrides
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory, exported_v1) -> Path:
+def shared_cache(tmp_path_factory, exported_backbone) -> Path:
     """One feature cache for the module's projects: it is content-addressed, so moved
     images are not extracted again (only new pixels are)."""
     return tmp_path_factory.mktemp("cache") / "feature_cache"
 
 
-def train_on(data: Path, root: Path, cache: Path, exported_v1: Path):
+def train_on(data: Path, root: Path, cache: Path, exported_backbone: Path):
     """split, extract, train and evaluate on `data` (train/ and test/), outputs under `root`."""
     cfg = compose_config(
         *output_overrides(root / "out"),
@@ -42,7 +42,7 @@ def train_on(data: Path, root: Path, cache: Path, exported_v1: Path):
         f"data.test_dir={data / 'test'}",
         f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
     )
-    with_exported_v1(cfg, exported_v1)
+    with_exported_backbone(cfg, exported_backbone)
     for stage in (split, extract, train, evaluate):
         stage.run(cfg)
     return cfg
@@ -60,7 +60,7 @@ def demo_copy(target: Path) -> Path:
 
 @pytest.mark.slow
 def test_images_moved_into_wrong_labels_top_the_label_issues(
-    tmp_path, shared_cache, exported_v1, monkeypatch
+    tmp_path, shared_cache, exported_backbone, monkeypatch
 ):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # MLflow's artifacts go to ./mlruns
@@ -73,7 +73,7 @@ def test_images_moved_into_wrong_labels_top_the_label_issues(
             wrong = data / "train" / labels[(i + 1) % len(labels)] / image.name
             image.rename(wrong)
             moved.add(str(wrong))
-    cfg = train_on(data, tmp_path, shared_cache, exported_v1)
+    cfg = train_on(data, tmp_path, shared_cache, exported_backbone)
     top = [row["path"] for row in read_csv(cfg.paths.label_issues)[:16]]
     assert len(moved & set(top)) >= 6, f"{len(moved & set(top))} of 8 moved images in the top 16: {top}"
 
@@ -88,7 +88,7 @@ def resized_jpeg(source: Path, target: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_resized_copy_is_reported_as_leakage_in_test_and_conflict_under_another_label(
-    tmp_path, shared_cache, exported_v1, monkeypatch, caplog
+    tmp_path, shared_cache, exported_backbone, monkeypatch, caplog
 ):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -96,7 +96,7 @@ def test_a_resized_copy_is_reported_as_leakage_in_test_and_conflict_under_anothe
     original = sorted((data / "train/fruit").iterdir())[0]
     in_test = resized_jpeg(original, data / "test/fruit/copy_in_test.jpg")
     under_other_label = resized_jpeg(original, data / "train/vehicle/copy_as_vehicle.jpg")
-    cfg = train_on(data, tmp_path, shared_cache, exported_v1)
+    cfg = train_on(data, tmp_path, shared_cache, exported_backbone)
     pairs = {(row["kind"], row["path"], row["other_path"]) for row in read_csv(cfg.paths.near_duplicates)}
     assert ("leakage", str(original), str(in_test)) in pairs
     assert ("conflict", str(original), str(under_other_label)) in pairs

@@ -38,10 +38,10 @@ def load_classifier(extractor: DictConfig) -> nn.Module:
 
 def load_backbone(extractor: DictConfig) -> nn.Module:
     """Pooled features (B, D) from normalised images (B, 3, S, S): the last layer's
-    (`extractor.layers: last`) or every stage's too (`all`, see EveryStagePooled)."""
+    (`extractor.layers: last`) or every stage's too (`every_stage`, see EveryStagePooled)."""
     model = load_classifier(extractor)
     model.reset_classifier(0)
-    return EveryStagePooled(model) if extractor.get("layers", "last") == "all" else model
+    return EveryStagePooled(model) if extractor.get("layers", "last") == "every_stage" else model
 
 
 class EveryStagePooled(nn.Module):
