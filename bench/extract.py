@@ -13,7 +13,10 @@ the same run (docs/benchmarks.md "Extraction speed"). Run from the project root:
 4. the `extract` stage's peak memory on 5,000 images, against 1,000 and against 2 GiB;
 5. the whole `python -m pipeline.extract` process on 470 phone-size JPEGs in a fresh
    clone (empty feature cache, backbone not exported yet), against the usual approach
-   as a whole process too (Python start, imports, model load, then as in 1.).
+   as a whole process too (Python start, imports, model load, then as in 1.);
+6. the default extractor (v2: every stage pooled) end to end against v1 (the last
+   layer only) on the same small PNGs, timed alternately, and each one's bytes per
+   image in the feature store. `--extractors` runs this section alone (about a minute).
 
 Images are built from the bundled demo set (scaled, cropped, shifted in colour so
 that every file has its own content) under --workdir and reused by later runs.
@@ -288,6 +291,28 @@ def whole_process_on_fresh_clone(paths: list[Path], cfg, work: Path) -> tuple[fl
 # --- the report ----------------------------------------------------------------------
 
 
+def default_against_v1(small: list[Path], work: Path, quick: bool) -> None:
+    """Section 6: what the default's wider features cost against v1's, same images, same run."""
+    configs = {"default": compose_config(), "v1": compose_config("extractor=v1")}
+    exported = {name: work / f"backbone-{cfg.extractor.name}.onnx" for name, cfg in configs.items()}
+    for name, cfg in configs.items():
+        if not exported[name].exists():
+            export_feature_extractor(cfg.extractor, exported[name])
+    speeds = {name: [] for name in configs}
+    for _ in range(3 if quick else 6):  # alternately, as in 2.: the machine's speed drifts
+        for name, cfg in configs.items():
+            speeds[name].append(pipeline_images_per_second(small, cfg, exported[name], work / "cache"))
+    default, v1 = max(speeds["default"]), max(speeds["v1"])
+    print(
+        f"   images/s, best of {len(speeds['v1'])}: default ({configs['default'].extractor.name}) "
+        f"{default:.1f}, v1 {v1:.1f}; cost per image {v1 / default:.2f}x v1's "
+        f"(bar 1.2x: {verdict(v1 / default <= 1.2)})"
+    )
+    for name, cfg in configs.items():
+        dim = int(onnx_runner(cfg.extractor, exported[name])(np.zeros((1, 224, 224, 3), np.uint8)).shape[1])
+        print(f"   {name}: {dim} float32 features, {4 * dim:,} bytes per image and per copy in the store")
+
+
 def verdict(ok: bool) -> str:
     return "meets the bar" if ok else "BELOW THE BAR"
 
@@ -296,6 +321,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-extract"))
     parser.add_argument("--quick", action="store_true", help="fewer images: rough figures")
+    parser.add_argument("--extractors", action="store_true", help="only 6.: the default against v1")
     args = parser.parse_args()
     quick = args.quick
     work = args.workdir
@@ -309,6 +335,9 @@ def main() -> None:
     print("building image folders (first run only) ...", flush=True)
     phone = build_folder(work / "phone", 24 if quick else 96, (4000, 3000), ".jpg", noise=6)
     small = build_folder(work / "small", 96 if quick else 320, (320, 300), ".png", noise=2)
+    if args.extractors:
+        print("\n6. the default extractor against v1, end to end on small PNGs")
+        return default_against_v1(small, work, quick)
     pool = build_folder(work / "pool", 1010 if quick else 5000, (320, 300), ".jpg", noise=2)
     # the same folder as `phone`, more of it: the first 96 are the same files
     process_phone = build_folder(
@@ -403,6 +432,9 @@ def main() -> None:
     print(f"   ratio {usual / ours:.2f}x (bar 4x: {verdict(usual / ours >= 4)})")
     if count < PROCESS_IMAGES:
         print(f"   (--quick: the bar is for {PROCESS_IMAGES} images; fewer weigh the fixed start more)")
+
+    print("\n6. the default extractor against v1, end to end on small PNGs")
+    default_against_v1(small, work, quick)
 
 
 if __name__ == "__main__":
