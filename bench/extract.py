@@ -1,5 +1,5 @@
 """Extraction speed and memory, each figure a ratio against a baseline measured in
-the same run (README "Extraction speed"). Run from the project root:
+the same run (docs/benchmarks.md "Extraction speed"). Run from the project root:
 
     python bench/extract.py              # about 6 minutes on 2 CPU cores (more the first time)
     python bench/extract.py --quick      # smaller folders, a rough look in about 2

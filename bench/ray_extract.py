@@ -1,4 +1,4 @@
-"""The Ray engine against the local one (README "Scaling out"), in one run on the same
+"""The Ray engine against the local one (docs/scaling-out.md), in one run on the same
 images and the same machine. Run from the project root:
 
     python bench/ray_extract.py               # 500 images, a few minutes on 2 CPU cores

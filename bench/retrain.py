@@ -214,7 +214,7 @@ def link_images(source: Path, target: Path) -> None:
 
 
 def point_config_at(project: Path, train: str, test: str) -> None:
-    """`data.train_dir` and `data.test_dir` in conf/config.yaml, as the README says to."""
+    """`data.train_dir` and `data.test_dir` in conf/config.yaml, as docs/your-images.md says to."""
     config = project / "conf/config.yaml"
     text = config.read_text()
     for key, value in (("train_dir", train), ("test_dir", test)):

@@ -1,4 +1,4 @@
-"""The README's "Use it from Python" flow on the bundled demo data: train from a
+"""The Python API's flow (docs/api.md) on the bundled demo data: train from a
 folder per label, evaluate on the test folder, try two images, write the Core ML
 model and its ONNX twin. Run from the project root: `python examples/script.py`."""
 

@@ -1,6 +1,6 @@
-"""Create ML's image classifier as a reproducible pipeline (README).
+"""Create ML's image classifier as a reproducible pipeline (README.md, docs/index.md).
 
-The Python API (README "Use it from Python") is importable from here; it loads on
+The Python API (docs/api.md) is importable from here; it loads on
 first use, so that `python -m pipeline.<stage>` does not pay for it.
 """
 

@@ -1,4 +1,4 @@
-"""The Python API (README "Use it from Python"): Create ML's `MLImageClassifier`,
+"""The Python API (docs/api.md): Create ML's `MLImageClassifier`,
 in Python's style, over the same library the stages run.
 
     training = DataSource.labeled_directories("data/demo/train")
@@ -49,11 +49,18 @@ __all__ = ["ClassifierMetrics", "DataSource", "ImageClassifier", "ModelParameter
 
 @dataclass(frozen=True)
 class DataSource:
-    """Labelled image files, as Create ML's `MLImageClassifier.DataSource`."""
+    """Labelled image files, as Create ML's `MLImageClassifier.DataSource`. Make one
+    with `labeled_directories`, `labeled_files` or `files_by_label`.
 
-    files: tuple[tuple[str, str], ...]  # (path, label)
-    skipped: tuple[Skipped, ...] = ()  # files the layout itself rules out (hidden, unlabelled)
-    origin: str = "the data source"  # named in errors
+    Attributes:
+        files: (path, label) of every file.
+        skipped: files the layout itself rules out (hidden, outside a label folder).
+        origin: what errors name: the folder, or "files_by_label".
+    """
+
+    files: tuple[tuple[str, str], ...]
+    skipped: tuple[Skipped, ...] = ()
+    origin: str = "the data source"
 
     @classmethod
     def labeled_directories(cls, path: str | Path) -> DataSource:
@@ -96,18 +103,33 @@ class DataSource:
 @dataclass
 class ModelParameters:
     """Create ML's `MLImageClassifier.ModelParameters`. None keeps conf/'s default,
-    so that unset parameters train exactly as `dvc repro` does."""
+    so that unset parameters train exactly as `dvc repro` does; each is the setting of
+    the same meaning on docs/parameters.md.
 
-    feature_extractor: str | None = None  # v1 or v2 (conf/extractor)
+    Attributes:
+        feature_extractor: `extractor`: v1 or v2 (conf/extractor/).
+        max_iterations: `train.max_iterations`.
+        augmentations: copies per kind, e.g. `{"flip": 1, "blur": 1}` (`augment.*`);
+            the kinds left out are off.
+        classifier: `head`: logistic or mlp.
+        hidden_sizes: `head.hidden_sizes`, the MLP's layer sizes.
+        class_weighting: `train.class_weighting`.
+        crop_and_scale: `extract.crop_and_scale`: scaleFill, centerCrop or scaleFit.
+        regularization: `train.regularization`: auto or an L2 strength.
+        seed: `train.seed`.
+        feature_cache: `paths.feature_cache`, where features are cached.
+    """
+
+    feature_extractor: str | None = None
     max_iterations: int | None = None
-    augmentations: dict[str, int] | None = None  # copies per kind, e.g. {"flip": 1, "blur": 1}
-    classifier: str | None = None  # logistic or mlp
-    hidden_sizes: list[int] | None = None  # the MLP's layer sizes
+    augmentations: dict[str, int] | None = None
+    classifier: str | None = None
+    hidden_sizes: list[int] | None = None
     class_weighting: bool | None = None
-    crop_and_scale: str | None = None  # scaleFill, centerCrop or scaleFit
-    regularization: str | float | None = None  # auto or an L2 strength
+    crop_and_scale: str | None = None
+    regularization: str | float | None = None
     seed: int | None = None
-    feature_cache: str | Path | None = None  # where features are cached; default conf/'s path
+    feature_cache: str | Path | None = None
 
     def overrides(self) -> list[str]:
         """These parameters as the Hydra overrides the stages would take."""
@@ -142,16 +164,25 @@ METADATA = {"author", "license", "short_description", "version"}
 
 @dataclass
 class ClassifierMetrics:
-    """Create ML's `MLClassifierMetrics`, with the images behind the numbers."""
+    """Create ML's `MLClassifierMetrics`, with the images behind the numbers.
+
+    Attributes:
+        accuracy: the share of images whose top label is right.
+        per_label: index: label; columns: count, precision, recall, f1.
+        confusion: images per actual label (rows) and predicted label (columns).
+        misclassified: path, actual, predicted, confidence of each wrong answer.
+        skipped: files that could not be used, with the reason.
+    """
 
     accuracy: float
-    per_label: pd.DataFrame  # index: label; columns: count, precision, recall, f1
-    confusion: pd.DataFrame  # rows: actual label; columns: predicted label
-    misclassified: pd.DataFrame  # path, actual, predicted, confidence
+    per_label: pd.DataFrame
+    confusion: pd.DataFrame
+    misclassified: pd.DataFrame
     skipped: list[Skipped] = field(default_factory=list)
 
     @property
     def classification_error(self) -> float:
+        """1 - accuracy, as Create ML reports it."""
         return 1.0 - self.accuracy
 
     def __repr__(self) -> str:
@@ -202,16 +233,24 @@ def sha256_of(path: str) -> str:
 
 
 class ImageClassifier:
-    """A trained head on its backbone: Create ML's `MLImageClassifier`."""
+    """A trained head on its backbone: Create ML's `MLImageClassifier`. Make one with
+    `train` or `load`.
+
+    Attributes:
+        training_metrics: the metrics on the training images (after `train`).
+        validation_metrics: the metrics on the held-out images, None without any.
+        skipped: training and validation files that could not be used, with the reason.
+    """
 
     def __init__(self, head: torch.nn.Module, checkpoint: Checkpoint, cfg: DictConfig):
         self.head, self.checkpoint, self.cfg = head, checkpoint, cfg
         self.training_metrics: ClassifierMetrics | None = None
         self.validation_metrics: ClassifierMetrics | None = None
-        self.skipped: list[Skipped] = []  # training and validation files that could not be used
+        self.skipped: list[Skipped] = []
 
     @property
     def labels(self) -> list[str]:
+        """The labels the model answers with, in the order of its outputs."""
         return self.checkpoint.labels
 
     def __repr__(self) -> str:
@@ -292,7 +331,7 @@ class ImageClassifier:
     def write(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """The Core ML model at `path` (.mlpackage) and its ONNX twin beside it (.onnx).
         `metadata`: author, license, short_description, version; the ones left out
-        are filled as Create ML fills them (README "Parameters", `model`)."""
+        are filled as Create ML fills them (`model.*` on docs/parameters.md)."""
         unknown = set(metadata or {}) - METADATA
         if unknown:
             raise ValueError(f"unknown metadata {sorted(unknown)}: known are {sorted(METADATA)}")

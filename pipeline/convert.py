@@ -1,5 +1,5 @@
 """Stage `convert`: one Core ML model and its ONNX twin, backbone and head together,
-taking a plain RGB image (README "The stages", "Using the model in Xcode"); the
+taking a plain RGB image (docs/pipeline.md, docs/xcode-and-onnx.md); the
 files are made in pipeline/model/model_files.py."""
 
 import logging

@@ -1,6 +1,6 @@
 """Stage `evaluate`: accuracy per split, per-label precision/recall/F1, calibration,
-the confusion matrix and the misclassified images, and the data audit (README "The
-stages", "Can I trust it?")."""
+the confusion matrix and the misclassified images, and the data audit
+(docs/pipeline.md, docs/trust.md)."""
 
 import logging
 from pathlib import Path

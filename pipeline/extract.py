@@ -1,5 +1,5 @@
 """Stage `extract`: backbone features for every image in the split, and for the
-augmented copies of the training images (README "The stages"); the work is in
+augmented copies of the training images (docs/pipeline.md); the work is in
 pipeline/features/extraction.py."""
 
 import logging

@@ -1,8 +1,7 @@
 """`python -m pipeline.manifest FOLDER MANIFEST`: list a data folder in a manifest
-file, or bring one up to date, reading only files that are new or changed (README
-"Bring your own images"). Point `data.train_dir` (or `data.test_dir`) at the
-manifest to make it the data source: DVC then depends on one file, not on every
-image."""
+file, or bring one up to date, reading only files that are new or changed
+(docs/your-images.md). Point `data.train_dir` (or `data.test_dir`) at the manifest
+to make it the data source: DVC then depends on one file, not on every image."""
 
 import argparse
 import sys
@@ -20,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.manifest import SUFFIX, build_manifest, is_manifest, load_manifest, save_manifest
     from pipeline.data.storage import data_path, is_folder, is_s3
 
-    # an s3:// folder stays a URI (README "Images, DVC remote and MLflow on S3")
+    # an s3:// folder stays a URI (docs/scaling-out.md)
     args.folder = data_path(args.folder)
     if not is_folder(args.folder):
         print(f"error: data folder not found: {args.folder}", file=sys.stderr)

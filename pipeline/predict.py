@@ -1,7 +1,7 @@
 """`python -m pipeline.predict IMAGE_OR_FOLDER... [--top-k K] [--json]`: Create ML's
 Preview, the answer and the top labels with their calibrated confidence, from the
 exported ONNX model. The answer is "unknown" when no label reaches the model's
-rejection threshold (README "Can I trust it?")."""
+rejection threshold (docs/trust.md)."""
 
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""Stage `split`: which images train, which validate, which test (README "The stages").
+"""Stage `split`: which images train, which validate, which test (docs/pipeline.md).
 
 Its summary is committed to git, reviewable; its per-image table is tracked by DVC
 and is the memory that keeps old images where they were when new ones arrive

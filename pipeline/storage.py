@@ -1,6 +1,6 @@
 """`python -m pipeline.storage [overrides]`: make conf/'s `storage.dvc_remote` the
 project's default DVC remote, so that `dvc push` and `dvc pull` use the bucket
-(README "Images, DVC remote and MLflow on S3"). With `storage=local` there is none
+(docs/scaling-out.md). With `storage=local` there is none
 to set. The endpoint of a store other than AWS is DVC's to read: AWS_ENDPOINT_URL,
 or `dvc remote modify storage endpointurl URL`."""
 

@@ -1,4 +1,4 @@
-"""Stage `train`: a Lightning head on the cached features (README "The stages");
+"""Stage `train`: a Lightning head on the cached features (docs/pipeline.md);
 the training itself is pipeline/model/training.py."""
 
 import logging

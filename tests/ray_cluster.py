@@ -1,5 +1,5 @@
 """A real two-node Ray cluster on this machine, every port of it on loopback, for
-tests/test_ray.py and bench/ray_extract.py (README "Scaling out").
+tests/test_ray.py and bench/ray_extract.py (docs/scaling-out.md).
 
 Found with `ss -ltnp` while the cluster ran: `ray start --node-ip-address=127.0.0.1`
 alone leaves the GCS, the raylets (node manager and object manager ports) and each

@@ -1,4 +1,4 @@
-"""The Python API (README "Use it from Python") gives what the stages give."""
+"""The Python API (docs/api.md) gives what the stages give."""
 
 import json
 import shutil
@@ -107,7 +107,7 @@ def test_bad_input_through_the_api_is_named_or_listed(tmp_path):
 
 
 @pytest.mark.slow
-def test_example_script_runs_the_readme_flow(demo_project, tmp_path):
+def test_example_script_runs_the_documented_flow(demo_project, tmp_path):
     project = copy_project(demo_project, tmp_path / "project")
     result = run([sys.executable, "examples/script.py"], project)
     recorded = json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"]

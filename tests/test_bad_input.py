@@ -1,4 +1,4 @@
-"""Messy folders (README "Bring your own images"). Nothing crashes, nothing is lost, the user is told."""
+"""Messy folders (docs/your-images.md). Nothing crashes, nothing is lost, the user is told."""
 
 import csv
 import hashlib

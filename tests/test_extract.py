@@ -1,4 +1,4 @@
-"""The feature cache's promises (README "The stages"): each image is extracted once per
+"""The feature cache's promises (docs/pipeline.md): each image is extracted once per
 extractor and augmentation, ever, and a killed run leaves nothing half-written."""
 
 import hashlib

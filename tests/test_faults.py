@@ -1,6 +1,6 @@
-"""Faults and hostile input (README "Bring your own images", "Parameters", "Retraining
-on a schedule"): each case ends in one line naming the file or setting, the exit code
-the README gives, nothing the user had lost or changed, and nothing silently wrong."""
+"""Faults and hostile input (docs/your-images.md, docs/parameters.md,
+docs/retraining.md): each case ends in one line naming the file or setting, the exit
+code the docs give, nothing the user had lost or changed, and nothing silently wrong."""
 
 import fcntl
 import json

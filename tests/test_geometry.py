@@ -1,4 +1,4 @@
-"""Vision's crop-and-scale options (README "Parameters"): what each keeps of an image."""
+"""Vision's crop-and-scale options (docs/parameters.md): what each keeps of an image."""
 
 import csv
 import json

@@ -1,4 +1,4 @@
-"""The layout the README's "Layout" promises: stages are doors over one library,
+"""The layout docs/contributing.md "Layout" promises: stages are doors over one library,
 none imports another, and dvc.yaml's code deps cover every module a stage runs."""
 
 import pytest
@@ -38,7 +38,7 @@ def changed_stages(project) -> set[str]:
 
 @pytest.mark.slow
 def test_editing_a_module_a_stage_imports_makes_the_stage_changed(demo_project, tmp_path):
-    """The README promises exact deps: an edit to any code a stage runs must rerun it."""
+    """docs/pipeline.md promises exact deps: an edit to any code a stage runs must rerun it."""
     project = copy_project(demo_project, tmp_path / "project")
     assert changed_stages(project) == set()
     importers: dict[str, set[str]] = {}

@@ -1,4 +1,4 @@
-"""A manifest as the data source (README "Bring your own images"): the same split
+"""A manifest as the data source (docs/your-images.md): the same split
 as the folder it lists, updated by reading only what changed, one file for DVC."""
 
 import json

@@ -1,5 +1,5 @@
-"""The exported models, checked without a Mac (README "Using the model in Xcode",
-"Using the ONNX model"): hand-made heads on the real backbone, and the demo pipeline's."""
+"""The exported models, checked without a Mac (docs/xcode-and-onnx.md): hand-made
+heads on the real backbone, and the demo pipeline's."""
 
 import copy
 import csv

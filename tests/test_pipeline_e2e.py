@@ -30,7 +30,7 @@ def mlflow_runs(project):
 
 
 def edit_conf(project, old: str, new: str) -> None:
-    """Change a parameter where the README says: in conf/, then compose params.yaml."""
+    """Change a parameter where docs/pipeline.md says: in conf/, then compose params.yaml."""
     config = project / "conf/config.yaml"
     text = config.read_text()
     assert old in text

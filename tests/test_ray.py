@@ -1,4 +1,4 @@
-"""extract.engine = ray (README "Scaling out") on a real two-node Ray cluster started
+"""extract.engine = ray (docs/scaling-out.md) on a real two-node Ray cluster started
 on this machine, every port of it on loopback: the same features and metrics as the
 local engine, through `dvc repro`, and a node lost mid-extraction costs no feature."""
 

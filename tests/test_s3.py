@@ -1,6 +1,6 @@
-"""Images, the DVC remote and MLflow's artifacts on S3 (README "Images, DVC remote
-and MLflow on S3"), against a real S3 endpoint: moto's server on 127.0.0.1, started
-and stopped by each test, every command bounded in time."""
+"""Images, the DVC remote and MLflow's artifacts on S3 (docs/scaling-out.md), against
+a real S3 endpoint: moto's server on 127.0.0.1, started and stopped by each test,
+every command bounded in time."""
 
 import contextlib
 import json

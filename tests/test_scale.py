@@ -1,4 +1,4 @@
-"""Growing data (README "The stages"): what git holds does not grow with the number
+"""Growing data (docs/pipeline.md): what git holds does not grow with the number
 of images; the per-image files are DVC's."""
 
 import sys

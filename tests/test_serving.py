@@ -1,5 +1,5 @@
 """The registered model answers images over HTTP, as `mlflow models serve` gives it
-(README "Serving the model"): the champion's label and confidence are the pipeline's."""
+(docs/preview-and-serving.md): the champion's label and confidence are the pipeline's."""
 
 import base64
 import contextlib

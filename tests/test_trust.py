@@ -1,4 +1,4 @@
-"""Can I trust it? (README "Can I trust it?"): label errors, near-duplicates and
+"""Can I trust it? (docs/trust.md): label errors, near-duplicates and
 leakage, calibrated confidence inside the exported models, and "unknown"."""
 
 import csv
@@ -163,7 +163,7 @@ def test_predict_answers_unknown_more_often_for_categories_the_model_never_saw(d
     assert kept == pytest.approx(metrics["kept"], abs=1e-9)  # predict and evaluate apply one threshold
     assert kept >= 0.9
     # Weakly: on the demo's broad labels, clip art of other categories often looks like
-    # one of them (bench/rejection.py measures how often; README "Can I trust it?").
+    # one of them (bench/rejection.py measures how often; docs/trust.md).
     assert rejected > 1 - kept
 
 

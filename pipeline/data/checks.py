@@ -1,4 +1,4 @@
-"""Create ML's guidance on training data, as warnings (README "Bring your own images"):
+"""Create ML's guidance on training data, as warnings (docs/your-images.md):
 nothing here stops a run."""
 
 from collections import Counter, defaultdict

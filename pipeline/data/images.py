@@ -1,5 +1,5 @@
 """Finding labelled images in folders and decoding them the one way training and
-the exported models agree on (README "Bring your own images")."""
+the exported models agree on (docs/your-images.md)."""
 
 import hashlib
 import os
@@ -16,8 +16,8 @@ from pipeline.data.storage import image_source, is_s3, read_bytes, s3_files
 
 pillow_heif.register_heif_opener()
 
-# Transparent pixels are composited on white, here and in the README's contract
-# for the exported models, so a PNG with alpha means the same thing in the app.
+# Transparent pixels are composited on white, here and in the contract of the exported
+# models (docs/xcode-and-onnx.md), so a PNG with alpha means the same thing in the app.
 BACKGROUND = (255, 255, 255)
 
 
@@ -137,8 +137,8 @@ def objects_in_label_folders(root: str) -> tuple[list[tuple[str, str]], list[Ski
 
 def files_in_label_folders(root: str | Path) -> tuple[list[tuple[str | Path, str]], list[Skipped]]:
     """(path, label) of every file under `root/<label>/...`; hidden files and files
-    outside a label folder are skipped. `root` may be an s3:// folder (README
-    "Images, DVC remote and MLflow on S3"): its objects come back as s3:// paths."""
+    outside a label folder are skipped. `root` may be an s3:// folder
+    (docs/scaling-out.md): its objects come back as s3:// paths."""
     if is_s3(root):
         return objects_in_label_folders(root)
     found, skipped = [], []

@@ -1,4 +1,4 @@
-"""A manifest: a data folder listed in one file (README "Bring your own images"),
+"""A manifest: a data folder listed in one file (docs/your-images.md),
 its typed schema, save, load and incremental build.
 
 With a million images, a folder as a DVC dependency costs DVC a stat of every file
@@ -85,7 +85,7 @@ def build_manifest(
 ) -> tuple[Manifest, int]:
     """The manifest of `folder` and how many files were read to make it: the files
     `previous` lists with the same size and mtime are taken from it unread. `folder`
-    may be an s3:// folder (README "Images, DVC remote and MLflow on S3"): an object's
+    may be an s3:// folder (docs/scaling-out.md): an object's
     size and date come with the listing, so only new or changed objects are read."""
     files, skipped = files_in_label_folders(folder)
     known = {row["path"]: row for row in previous.rows} if previous else {}

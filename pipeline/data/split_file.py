@@ -1,4 +1,4 @@
-"""The split's files (README "The stages"): its typed schema, save and load.
+"""The split's files (docs/pipeline.md): its typed schema, save and load.
 Written by `split`, read by `extract` and the next `split`.
 
 Two files, so that nothing in git grows with the number of images:

@@ -1,4 +1,4 @@
-"""Which images train, which validate, which test (README "The stages").
+"""Which images train, which validate, which test (docs/pipeline.md).
 
 Images are identified by content hash, so renaming or moving a file changes
 nothing and duplicates of one image always land together. The last split's table

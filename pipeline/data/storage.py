@@ -1,5 +1,5 @@
 """Where images are read from: a local file, or an object under an s3:// folder
-(README "Images, DVC remote and MLflow on S3").
+(docs/scaling-out.md).
 
 Every door that lists, hashes or decodes an image goes through these few helpers,
 so an s3:// data folder works wherever a local one does and local paths behave

@@ -1,4 +1,4 @@
-"""The data audit (README "Can I trust it?"): label issues, near-duplicates (within
+"""The data audit (docs/trust.md): label issues, near-duplicates (within
 a label, across labels, across train and test) and outliers, all from the cached
 features and out-of-fold probabilities, in seconds.
 

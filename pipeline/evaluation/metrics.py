@@ -1,5 +1,5 @@
 """Accuracy per split, per-label precision/recall/F1 and one row per image, from a
-head and a feature table (README "The stages"): what `evaluate` writes to
+head and a feature table (docs/pipeline.md): what `evaluate` writes to
 reports/metrics.json and what the Python API's `evaluation` returns."""
 
 import hashlib

@@ -1,5 +1,5 @@
 """The evaluation's pictures: the confusion matrix, the training curves and the
-reliability diagram (README "The stages", "Can I trust it?")."""
+reliability diagram (docs/pipeline.md, docs/trust.md)."""
 
 import csv
 from pathlib import Path

@@ -1,5 +1,5 @@
 """reports/report.html: the evaluation on one self-contained page (no files beside
-it, no network), README "Can I trust it?": accuracies, a sortable per-label table,
+it, no network), docs/trust.md: accuracies, a sortable per-label table,
 a confusion matrix whose cells open their images, the most confused pairs and the
 top losses, calibration, the data audit (label issues, near-duplicates and leakage,
 outliers) and the training curves."""

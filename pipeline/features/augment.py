@@ -1,4 +1,4 @@
-"""Create ML's augmentations (README "Augmentations"): each adds transformed copies of every
+"""Create ML's augmentations (docs/accuracy.md): each adds transformed copies of every
 training image, whose features are cached like an original's.
 
 A copy is a pure function of the image's content, the augmentation, the copy's

@@ -55,7 +55,7 @@ class EveryStagePooled(nn.Module):
     this gained 2.2 points over the last layer alone, where mean pooling of the
     stages alone gained 1.7, adding their max pooling 1.3, every block instead of
     every stage 1.5, and weighting each stage's group equally lost 1.1
-    (`python bench/accuracy.py`, README "Accuracy and training speed").
+    (`python bench/accuracy.py`, docs/accuracy.md).
     """
 
     def __init__(self, net: nn.Module):

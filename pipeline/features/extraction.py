@@ -1,5 +1,5 @@
 """Backbone features for every image of a split and for the augmented copies of
-its training images (README "The stages"): the work of `extract`, and what `train`,
+its training images (docs/pipeline.md): the work of `extract`, and what `train`,
 `evaluate` and the Python API call to get a feature table.
 
 Each image is decoded and run through the backbone once per extractor and
@@ -146,7 +146,7 @@ def worker_count(setting: str | int) -> int:
 
 def fill_cache(entries: list[Entry], cfg: DictConfig, cache: FeatureCache) -> list[dict]:
     """Extract the features not cached yet, here or on a Ray cluster (extract.engine,
-    README "Scaling out"); returns the images that failed to decode. Either engine
+    docs/scaling-out.md); returns the images that failed to decode. Either engine
     fills the same cache, so each extracts only what the other has not."""
     jobs = missing_jobs(entries, cache)
     follow_pixel_limit(cfg.data.max_image_pixels)  # decode what split let through

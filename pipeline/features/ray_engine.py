@@ -1,4 +1,4 @@
-"""`extract.engine: ray` (README "Scaling out"): the missing features extracted by a
+"""`extract.engine: ray` (docs/scaling-out.md): the missing features extracted by a
 Ray Data job on a cluster, written by this process into the same feature cache the
 local engine fills, so either engine extracts only what neither has.
 
@@ -140,7 +140,7 @@ def block_vectors(keys: np.ndarray, data: bytes) -> dict[str, np.ndarray]:
 
 def job_rows(jobs: list[Job]) -> list[dict]:
     """The jobs as Ray Data rows; local paths absolute, since actors do not run in this
-    folder (s3:// ones as they are: README "Images, DVC remote and MLflow on S3")."""
+    folder (s3:// ones as they are: docs/scaling-out.md)."""
     return [
         {
             "sha256": job.sha256,
@@ -164,7 +164,7 @@ def failure(path: str, reason: str) -> dict:
     if reason.startswith("cannot read") and Path(path).is_file():
         raise DataError(
             f"{path}: the Ray cluster's nodes cannot read it ({reason.split(':')[0]}): extract.engine = ray"
-            ' needs the images at the same path on every node (README "Scaling out")'
+            ' needs the images at the same path on every node (docs/scaling-out.md)'
         )
     return {"path": path, "reason": reason}
 

@@ -1,4 +1,4 @@
-"""The feature table, `artifacts/features/` (README "The stages"): its typed schema,
+"""The feature table, `artifacts/features/` (docs/pipeline.md): its typed schema,
 save and load. One row per image of the split and per augmented copy of a training
 image, in the split's order; `extract` writes it, `train` and `evaluate` read it.
 

@@ -1,4 +1,4 @@
-"""Calibrated confidence and "none of these" (README "Can I trust it?").
+"""Calibrated confidence and "none of these" (docs/trust.md).
 
 A head's softmax is not a probability one can act on: an L2-penalised logistic
 head is under-confident, an MLP over-confident. Temperature scaling (Guo et al.,

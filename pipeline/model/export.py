@@ -1,6 +1,6 @@
 """The exported models in two parts: the backbone, converted once per extractor and
 kept beside its features, and the head, converted on every `convert` and joined to
-it (README "The stages", "Using the model in Xcode", "Using the ONNX model").
+it (docs/pipeline.md, docs/xcode-and-onnx.md).
 
 Converting the backbone takes 15-20 s on a 2-core CPU (torch.export, Core ML's
 passes, int8 quantisation), the head a fraction of a second, and a new head is what

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class ClassifierHead(nn.Module):
-    """Logistic regression (no hidden layer) or an MLP (README "Parameters"), returning logits.
+    """Logistic regression (no hidden layer) or an MLP (docs/parameters.md), returning logits.
 
     The logits are divided by a temperature, 1 while training and then fitted on
     held-out images (pipeline/model/calibration.py), so that everything downstream,

@@ -1,7 +1,6 @@
 """The app's model files from a trained head: the Core ML classifier and its ONNX
-twin, backbone and head together, taking a plain RGB image (README "Using the
-model in Xcode", "Using the ONNX model"). The `convert` stage and the Python API's
-`write` both write them here.
+twin, backbone and head together, taking a plain RGB image (docs/xcode-and-onnx.md).
+The `convert` stage and the Python API's `write` both write them here.
 
 The backbone's conversions are cached per extractor (pipeline/model/export.py): a
 run that brings only a new head converts the head and joins it to them.
@@ -57,7 +56,7 @@ def user_metadata(cfg: DictConfig, checkpoint: Checkpoint) -> dict[str, str]:
         # the imageCropAndScaleOption an app must set on its VNCoreMLRequest
         "crop_and_scale": checkpoint.crop_and_scale,
         # the probabilities are calibrated (the temperature is inside the model); an app
-        # answers "unknown" when the top one is below the threshold (README "Can I trust it?")
+        # answers "unknown" when the top one is below the threshold (docs/trust.md)
         "temperature": f"{checkpoint.calibration['temperature']:.6g}",
         "rejection_threshold": f"{checkpoint.rejection_threshold:.6g}",
     }

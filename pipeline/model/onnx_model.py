@@ -1,5 +1,5 @@
 """The exported ONNX model run as an app runs the Core ML one: decode, make square
-the way its metadata names, classify (README "Using the ONNX model"). `predict` and
+the way its metadata names, classify (docs/xcode-and-onnx.md). `predict` and
 the MLflow model that serves images both use it."""
 
 import json

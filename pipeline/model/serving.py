@@ -1,6 +1,6 @@
 """The registered MLflow model: the ONNX twin behind `mlflow models serve`, answering
-an image with its label and probabilities (README "Serving the model", "Using the
-ONNX model"). `convert` logs it; the model's code travels with it."""
+an image with its label and probabilities (docs/preview-and-serving.md,
+docs/xcode-and-onnx.md). `convert` logs it; the model's code travels with it."""
 
 import base64
 import io

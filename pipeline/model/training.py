@@ -1,6 +1,6 @@
 """Training the head on a feature table: Lightning drives it, the logistic head
 full-batch with L-BFGS and a cross-validated L2 strength, the MLP with AdamW
-(README "The stages", "Accuracy and training speed"). The `train` stage and the
+(docs/pipeline.md, docs/accuracy.md). The `train` stage and the
 Python API both train here."""
 
 from collections.abc import Iterator
@@ -44,9 +44,9 @@ class FeatureRows:
     """One split's rows of the table as standardised (features, labels) batches of
     at most `batch_rows` (`train.feature_batch_rows`): read once and held when one
     batch holds them all, else read from the store again on every pass, so that
-    memory holds one batch however many images there are (README "Growing to many
-    images"). Rows are ordered by content hash and copy: the same images give the
-    same model whatever their file names."""
+    memory holds one batch however many images there are (docs/many-images.md).
+    Rows are ordered by content hash and copy: the same images give the same model
+    whatever their file names."""
 
     def __init__(self, table: FeatureTable, split: str, batch_rows: int):
         self.rows, self.groups = in_image_order(table, np.flatnonzero(table["split"] == split))

@@ -24,7 +24,7 @@ def accept_plus_for_defaulted_groups(argv: list[str]) -> list[str]:
     """Read `+extractor=v2` as `extractor=v2`.
 
     Hydra 1.3 refuses `+group=option` when the group already has a default, yet
-    users type it (README "The stages": `python -m pipeline.train +extractor=v2`). Every group
+    users type it (docs/pipeline.md: `python -m pipeline.train +extractor=v2`). Every group
     in conf/ has a default, so the append and the override mean the same thing.
     """
     groups = {path.name for path in CONF_DIR.iterdir() if path.is_dir()}

@@ -1,5 +1,5 @@
 """Every setting checked once, before a stage or the Python API does any work
-(README "Parameters"): one line per bad value, naming the setting, what it holds
+(docs/parameters.md): one line per bad value, naming the setting, what it holds
 and what it may hold. Without these checks a zero learning rate or an empty hidden
 layer trained a model at chance level and reported success, and a model name with
 `../` wrote the model files outside the project."""
@@ -125,7 +125,7 @@ RULES: dict[str, tuple[Check, str]] = {
 
 def storage_problems(cfg: DictConfig) -> list[str]:
     """storage=s3 needs a bucket, and an MLflow server: a local store would keep the
-    artifacts on this machine (README "Images, DVC remote and MLflow on S3")."""
+    artifacts on this machine (docs/scaling-out.md)."""
     storage = cfg.get("storage")
     if storage is None or storage.get("type") != "s3":
         return []

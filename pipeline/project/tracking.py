@@ -1,5 +1,5 @@
 """MLflow: one run per trained model, which evaluate and convert add to
-(README "Experiments and comparing runs").
+(docs/comparing-runs.md).
 
 A run is open while a stage works in it, so a stage that fails leaves it FAILED
 (MLflow's own context manager), and one that was killed leaves it RUNNING with the
