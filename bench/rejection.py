@@ -4,6 +4,7 @@ and how many demo test images keep their label, for the default `calibrate.keep`
 and two other targets. Run from the project root:
 
     python bench/rejection.py
+    python bench/rejection.py extractor=v1    # Hydra overrides: another print, say
 
 Two scores, each thresholded to keep the target share of held-out (out-of-fold)
 training images:
@@ -62,8 +63,11 @@ def typicality(
 
 def main() -> None:
     cfg = compose_config(
-        *output_overrides(ROOT / "bench/.data/rejection"), "paths.feature_cache=artifacts/feature_cache"
+        *output_overrides(ROOT / "bench/.data/rejection"),
+        "paths.feature_cache=artifacts/feature_cache",
+        *sys.argv[1:],
     )
+    print(f"extractor {cfg.extractor.name}")
     split.run(cfg)
     extract.run(cfg)
     table = load_table(cfg.paths.features)
