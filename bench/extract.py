@@ -23,6 +23,7 @@ that every file has its own content) under --workdir and reused by later runs.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -119,7 +120,11 @@ def baseline_images_per_second(paths: list[Path], cfg) -> float:
 def pipeline_images_per_second(paths: list[Path], cfg, exported: Path, cache_root: Path) -> float:
     """`extract.fill_cache` into an empty cache: decode, preprocess, backbone, write."""
     shutil.rmtree(cache_root, ignore_errors=True)
-    rows = [{"sha256": f"{i:064x}", "path": str(p), "split": "train"} for i, p in enumerate(paths)]
+    # the files' own hashes: extraction checks each image is the one split listed
+    rows = [
+        {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "path": str(p), "split": "train"}
+        for p in paths
+    ]
     with FeatureCache(cache_root, cfg.extractor, cfg.extract.crop_and_scale) as cache:
         shutil.copy(exported, cache.onnx_backbone)
         started = time.perf_counter()
