@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 # Bump when images.load_rgb or images.to_square change what they produce:
 # it invalidates every cached feature.
 PREPROCESSING = "exif-upright,alpha-on-white,jpeg-draft,box-reduce,bilinear/3"
-LAYERS = ("last", "every_stage")  # extractor.layers: the backbone's layers pooled (features/backbone.py)
 
 
 def weights_file(package: str) -> Path:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.images import CROP_AND_SCALE, SettingError
-from pipeline.features.cache import LAYERS
 
 Check = Callable[[object], bool]
 
@@ -87,7 +86,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "data.max_image_pixels": integer(1),
     "split.validation": auto_or(fraction_below_one()),
     "split.seed": integer(0),
-    "extractor.layers": one_of(*LAYERS),
+    "extractor.layers": one_of("last", "every_stage"),  # what features/backbone.py pools
     "extract.crop_and_scale": one_of(*CROP_AND_SCALE),
     "extract.runtime": one_of("auto", "onnxruntime", "torch"),
     "extract.batch_size": integer(1),
