@@ -43,12 +43,16 @@ def stop_group(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
+def test_the_first_registered_version_is_the_champion(demo_project):
+    """The README's first command, then its serving command: the alias must be there."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{demo_project / 'mlflow.db'}")
+    (version,) = client.search_model_versions("name='ImageClassifier'")  # the one convert registered
+    assert client.get_model_version_by_alias("ImageClassifier", "champion").version == version.version
+
+
 def test_champion_served_over_http_answers_an_image(demo_project, tmp_path):
     project = copy_project(demo_project, tmp_path / "project")
     store = f"sqlite:///{project / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=store)
-    (version,) = client.search_model_versions("name='ImageClassifier'")  # the one convert registered
-    client.set_registered_model_alias("ImageClassifier", "champion", version.version)
     with (project / "reports/predictions.csv").open() as file:
         row = next(row for row in csv.DictReader(file) if row["split"] == "test")
     image = base64.b64encode((project / row["path"]).read_bytes()).decode("ascii")
