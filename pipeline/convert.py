@@ -35,6 +35,7 @@ def run(cfg: DictConfig) -> None:
         mlflow.log_artifact(str(mlpackage), "coreml")
         model = log_image_model(onnx_path, checkpoint.labels, cfg.model.name)  # serves images
         mlflow.set_tag("model_version", str(model.registered_model_version))  # which version this run made
+        tracking.crown_first_version(cfg.model.name, str(model.registered_model_version))
     log.info(
         "wrote %s (%s, %.1f MB) and %s (float32, %.1f MB)",
         mlpackage,

@@ -9,7 +9,7 @@ import sys
 
 from dvc.utils.hydra import compose_and_dump
 
-from pipeline.project.config import CONF_DIR, accept_plus_for_defaulted_groups
+from pipeline.project.config import CONF_DIR, checked_overrides
 
 PARAMS_FILE = CONF_DIR.parent / "params.yaml"
 
@@ -19,7 +19,7 @@ def compose_params(overrides: list[str]) -> None:
 
 
 def main() -> None:
-    compose_params(accept_plus_for_defaulted_groups(sys.argv[1:]))
+    compose_params(checked_overrides(sys.argv[1:]))
     print(f"wrote {PARAMS_FILE}")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.data.images import is_hidden
 from pipeline.data.storage import data_path, is_folder, is_s3, s3_files
-from pipeline.model.onnx_model import OnnxClassifier
+from pipeline.model.onnx_model import OnnxClassifier, why_unreadable
 from pipeline.project.config import compose_config
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         except Exception as error:  # one unreadable file must not hide the others' answers
-            print(f"error: {path}: cannot read image ({error})", file=sys.stderr)
+            print(f"error: {path}: {why_unreadable(error)}", file=sys.stderr)
             failed += 1
     if args.json:
         print(
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{result['path']}: {result['label']}")
             for label, confidence in result["top_k"]:
                 print(f"  {confidence:7.2%}  {label}")
-    return 1 if failed else 0
+    return 2 if failed else 0  # bad input, as everywhere: the files named above
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from pipeline.project.config import CONF_DIR, stage_entry
 log = logging.getLogger(__name__)
 
 UP_TO_DATE, FAILED, PROMOTED, KEPT, LOCKED = 0, 1, 10, 11, 75  # 75: EX_TEMPFAIL, "try again later"
-CHAMPION = "champion"
 
 
 @contextmanager
@@ -95,12 +94,17 @@ def latest_version(client: mlflow.MlflowClient, name: str) -> int:
     return max((int(v.version) for v in client.search_model_versions(f"name='{name}'")), default=0)
 
 
-def champion_score(client: mlflow.MlflowClient, name: str, metric: str) -> tuple[object | None, float | None]:
+def champion_score(
+    client: mlflow.MlflowClient, name: str, metric: str, candidate: str
+) -> tuple[object | None, float | None]:
     """The champion version and its recorded metric; (None, None) when there is no
-    champion, and (champion, None) when it has no score to compare with."""
+    champion other than the candidate (`convert` makes the first version champion),
+    and (champion, None) when it has no score to compare with."""
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        champion = client.get_model_version_by_alias(name, tracking.CHAMPION)
     except mlflow.exceptions.MlflowException:
+        return None, None
+    if champion.version == candidate:
         return None, None
     recorded = champion.tags.get(f"retrain.{metric}")
     if recorded is None:
@@ -125,7 +129,7 @@ def promote_or_keep(cfg: DictConfig, metrics: dict, registered_before: int) -> i
         return KEPT
     metric = chosen_metric(cfg.retrain.metric, metrics)
     candidate = metric_value(metrics, metric)
-    champion, champion_value = champion_score(client, name, metric)
+    champion, champion_value = champion_score(client, name, metric, version)
     promote, why = decide(candidate, champion_value, cfg.retrain.margin)
     if champion is not None and champion_value is None:
         untagged = f"version {champion.version} has no retrain.{metric} tag"
@@ -135,11 +139,17 @@ def promote_or_keep(cfg: DictConfig, metrics: dict, registered_before: int) -> i
         name, version, "retrain.decision", ("promoted: " if promote else "kept champion: ") + why
     )
     if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        log.info("promoted %s version %s to %s: %s %s", name, version, CHAMPION, metric, why)
+        client.set_registered_model_alias(name, tracking.CHAMPION, version)
+        log.info("promoted %s version %s to %s: %s %s", name, version, tracking.CHAMPION, metric, why)
         return PROMOTED
     log.info(
-        "kept %s version %s as %s; version %s: %s %s", name, champion.version, CHAMPION, version, metric, why
+        "kept %s version %s as %s; version %s: %s %s",
+        name,
+        champion.version,
+        tracking.CHAMPION,
+        version,
+        metric,
+        why,
     )
     return KEPT
 

@@ -7,7 +7,7 @@ or `dvc remote modify storage endpointurl URL`."""
 import subprocess
 import sys
 
-from pipeline.project.config import accept_plus_for_defaulted_groups, compose_config
+from pipeline.project.config import checked_overrides, compose_config
 
 REMOTE = "storage"  # the DVC remote's name in .dvc/config
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.images import SettingError
     from pipeline.project.settings import check_settings
 
-    cfg = compose_config(*accept_plus_for_defaulted_groups(sys.argv[1:] if argv is None else argv))
+    cfg = compose_config(*checked_overrides(sys.argv[1:] if argv is None else argv))
     try:
         check_settings(cfg)
     except SettingError as error:

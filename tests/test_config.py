@@ -1,5 +1,10 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, project_env
 from omegaconf import OmegaConf
 
 from pipeline.project.config import accept_plus_for_defaulted_groups, compose_config
@@ -25,3 +30,48 @@ def test_dvc_stages_read_params_yaml():
     assert list(stages) == ["split", "extract", "train", "evaluate", "convert"]
     for name, stage in stages.items():
         assert stage["cmd"] == f"python -m pipeline.{name} --config-name dvc_stage"
+
+
+TYPOS = {  # each once exited 1 with Hydra's internals, or (with +) trained without the parameter
+    "trian.learning_rate=0.1": "no such parameter in conf/ (did you mean train.learning_rate?)",
+    "+trian.learning_rate=0.1": "no such parameter in conf/ (did you mean train.learning_rate?)",
+    "head=mpl": "head has no option mpl (did you mean mlp?); its options: logistic, mlp",
+}
+
+
+def door_in_a_copy(project, *arguments: str) -> subprocess.CompletedProcess:
+    """`python -m <door> ...` in a project of its own: a door that went on would write there."""
+    for folder in ("pipeline", "conf"):
+        shutil.copytree(REPO / folder, project / folder)
+    if not (project / "params.yaml").exists():
+        shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    return subprocess.run(
+        [sys.executable, "-m", *arguments],
+        cwd=project,  # `python -m` imports the copy
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("door", ["pipeline.train", "pipeline.params"])
+@pytest.mark.parametrize(("override", "message"), TYPOS.items())
+def test_a_misspelt_name_stops_each_door_with_one_line(tmp_path, door, override, message):
+    result = door_in_a_copy(tmp_path, door, override)
+    assert result.returncode == 2
+    assert (result.stdout + result.stderr).splitlines() == [f"ERROR   {override}: {message}"]
+    assert (tmp_path / "params.yaml").read_bytes() == (REPO / "params.yaml").read_bytes()
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_stage_refuses_a_parameter_that_dvc_added_to_params_yaml(tmp_path):
+    """`dvc exp run -S +trian.learning_rate=0.1` composes it into params.yaml itself."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text()) | {"trian": {"learning_rate": 0.1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = door_in_a_copy(tmp_path, "pipeline.train", "--config-name", "dvc_stage")
+    assert result.returncode == 2
+    assert (result.stdout + result.stderr).splitlines() == [
+        "ERROR   trian.learning_rate: no such parameter in conf/ (did you mean train.learning_rate?)"
+    ]
+    assert not (tmp_path / "models").exists()

@@ -380,6 +380,20 @@ def test_predict_agrees_with_evaluate(demo_project):
     assert best["confidence"] == pytest.approx(float(row["confidence"]), abs=1e-4)
 
 
+def test_predict_names_each_file_it_cannot_read_and_exits_2(demo_project, tmp_path):
+    row = demo_test_predictions(demo_project)[0]
+    missing, notes = tmp_path / "gone.jpg", tmp_path / "notes.jpg"
+    notes.write_text("no picture here")
+    predict = [sys.executable, "-m", "pipeline.predict", row["path"], str(missing), str(notes)]
+    result = run(predict, demo_project, check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {missing}: no such file",
+        f"error: {notes}: not an image (no format that Pillow or pillow-heif reads)",
+    ]
+    assert result.stdout.startswith(f"{row['path']}: ")  # the readable image keeps its answer
+
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",

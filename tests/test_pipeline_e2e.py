@@ -211,3 +211,32 @@ def test_mlflow_server_compares_runs_across_extractors(project):
     (v1_keys, v1_metrics), (v2_keys, v2_metrics) = evaluated["v1"][0], evaluated["v2"][0]
     assert v1_keys == v2_keys  # the same parameter columns side by side
     assert {"test_accuracy", "validation_accuracy", "test_flag_recall"} <= set(v1_metrics) & set(v2_metrics)
+
+
+# What the libraries printed on a first run, read as "the model may be broken"
+LIBRARY_NOISE = (
+    "has not been tested with coremltools",  # coremltools' tested torch version
+    "Failed to load _ML",  # coremltools' macOS-only part, eight lines
+    "scikit-learn version",  # coremltools' tested scikit-learn version
+    "💡 Tip",  # Lightning's advertisements
+    "TPU available",
+    "is deprecated",  # Lightning calling what torch deprecated
+    "An input example was not provided",  # MLflow, where the signature is stated
+    "Creating initial MLflow database tables",
+    "Running MIL",  # coremltools' progress bars between the log lines
+)
+
+
+def test_a_first_run_prints_our_lines_not_the_libraries_noise(demo_project, tmp_path):
+    project = copy_project(demo_project, tmp_path / "project")
+    (project / "mlflow.db").unlink()  # MLflow's first-run lines too
+    env = {key: value for key, value in project_env().items() if key != "TQDM_DISABLE"}
+    result = subprocess.run(
+        ["dvc", "repro", "--force"], cwd=project, env=env, capture_output=True, text=True, timeout=600
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert ran_stages(output) == STAGES
+    assert [noise for noise in LIBRARY_NOISE if noise in output] == []
+    if sys.platform != "darwin":
+        assert "Core ML runs only on macOS" in output  # what the eight lines meant, once

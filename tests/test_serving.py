@@ -43,15 +43,20 @@ def stop_group(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
-def test_champion_served_over_http_answers_an_image(demo_project, tmp_path):
+def test_the_first_registered_version_is_the_champion(demo_project):
+    """The README's first command, then its serving command: the alias must be there."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{demo_project / 'mlflow.db'}")
+    (version,) = client.search_model_versions("name='ImageClassifier'")  # the one convert registered
+    assert client.get_model_version_by_alias("ImageClassifier", "champion").version == version.version
+
+
+def test_champion_served_over_http_answers_each_image(demo_project, tmp_path):
     project = copy_project(demo_project, tmp_path / "project")
     store = f"sqlite:///{project / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=store)
-    (version,) = client.search_model_versions("name='ImageClassifier'")  # the one convert registered
-    client.set_registered_model_alias("ImageClassifier", "champion", version.version)
     with (project / "reports/predictions.csv").open() as file:
         row = next(row for row in csv.DictReader(file) if row["split"] == "test")
     image = base64.b64encode((project / row["path"]).read_bytes()).decode("ascii")
+    not_an_image = base64.b64encode(b"no picture here").decode("ascii")
 
     port, log = free_port(), tmp_path / "serve.log"
     with log.open("wb") as output:  # the child keeps its own copy of the file
@@ -77,11 +82,13 @@ def test_champion_served_over_http_answers_an_image(demo_project, tmp_path):
                 time.sleep(1)
         request = urllib.request.Request(
             f"{url}/invocations",
-            data=json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]]}}).encode(),
+            data=json.dumps(
+                {"dataframe_split": {"columns": ["image"], "data": [[image], [not_an_image]]}}
+            ).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=60) as reply:
-            (prediction,) = json.load(reply)["predictions"]
+            prediction, refusal = json.load(reply)["predictions"]
         if shutil.which("ss"):
             bound = listeners(port)
             assert bound and all(address.startswith("127.0.0.1:") for address in bound), bound
@@ -91,3 +98,7 @@ def test_champion_served_over_http_answers_an_image(demo_project, tmp_path):
     assert abs(prediction["confidence"] - float(row["confidence"])) < 1e-4
     assert set(prediction["probabilities"]) == {"flag", "fruit", "mammal", "vehicle"}
     assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-4
+    assert prediction["error"] is None
+    # the bad image gets its own answer; the good one's is not lost with it
+    assert refusal["label"] is None and refusal["probabilities"] is None
+    assert refusal["error"].startswith("not an image")

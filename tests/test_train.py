@@ -168,3 +168,15 @@ def test_evaluate_reuses_the_out_of_fold_logits_only_while_their_inputs_are_the_
     assert HeldOut.reused({**saved, "logits": saved["logits"][:, :1]}, cfg, table) is None  # not its shape
     mlp = compose_config("head=mlp", "train.max_iterations=5")
     assert calibrate(mlp, table, fit_head(mlp, table, [])[0], 1e-4)[1] is None  # an MLP's are not kept
+
+
+def test_an_mlp_right_on_every_validation_image_keeps_temperature_1(caplog):
+    """Nothing to fit a temperature on: fitted anyway it went towards 0 (0.11 on the demo)."""
+    cfg = compose_config("head=mlp", "train.max_iterations=15")
+    table = blobs_table()  # well apart: every validation image answered right
+    head, strength = fit_head(cfg, table, [])
+    with caplog.at_level("INFO", logger="pipeline"):
+        calibration, _ = calibrate(cfg, table, head, strength)
+    assert calibration["temperature"] == 1.0
+    assert float(head.temperature) == 1.0
+    assert "temperature not fitted: all of them answered right" in caplog.text

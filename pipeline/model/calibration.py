@@ -128,6 +128,14 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_temperature.detach().exp())
 
 
+def can_fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether held-out images can choose a temperature: when every one is answered
+    right, the log-loss only falls as T shrinks to 0, with no minimum to find. The
+    demo's MLP, fitted on 16 such validation images, got T = 0.11, every answer
+    near-certain, and a test calibration error of 0.061 against 0.042 unscaled."""
+    return bool((logits.argmax(dim=1) != labels).any())
+
+
 def rejection_threshold(confidences: np.ndarray, keep: float) -> float:
     """The confidence that `keep` of the held-out images reach (0 when keep is 1: none rejected)."""
     if keep >= 1 or len(confidences) == 0:
@@ -175,11 +183,17 @@ def calibrate(
             "fitted_on": "nothing",
         }, logistic_out_of_fold
     logits, labels, fitted_on = held_out
-    setting = cfg.calibrate.temperature
-    temperature = fit_temperature(logits, labels) if setting == "auto" else float(setting)
+    setting, kept = cfg.calibrate.temperature, ""
+    if setting != "auto":
+        temperature = float(setting)
+    elif can_fit_temperature(logits, labels):
+        temperature = fit_temperature(logits, labels)
+    else:
+        temperature, kept = 1.0, " (temperature not fitted: all of them answered right, nothing to fit it on)"
     head.temperature.fill_(temperature)
     confidences = (logits / temperature).softmax(dim=1).max(dim=1).values.numpy()
     threshold = rejection_threshold(confidences, cfg.calibrate.keep)
+    fitted_on += kept
     log.info(
         "temperature %.3f and rejection threshold %.3f (keeps %.0f %%) from %s",
         temperature,

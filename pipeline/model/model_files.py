@@ -8,7 +8,9 @@ run that brings only a new head converts the head and joins it to them.
 
 import getpass
 import json
+import logging
 import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -26,6 +28,8 @@ from pipeline.model.export import (
     onnx_classifier,
 )
 from pipeline.project.files import write_folder_atomically
+
+log = logging.getLogger(__name__)
 
 NO_LICENSE = "No license provided"  # what Create ML writes when the license is left empty
 
@@ -122,6 +126,8 @@ def write_model_files(
     mlpackage.parent.mkdir(parents=True, exist_ok=True)
     model = to_core_ml(cfg, head, checkpoint, backbones)
     write_folder_atomically(mlpackage, lambda temporary: model.save(str(temporary)))
+    if sys.platform != "darwin":  # coremltools runs a model only through macOS's Core ML framework
+        log.info("Core ML runs only on macOS: predict, serving and the tests run the ONNX twin here")
     graph = to_onnx(cfg, head, checkpoint, backbones)
     save_onnx(graph, onnx_path)
     sizes = {

@@ -8,10 +8,20 @@ from typing import BinaryIO
 
 import numpy as np
 import onnxruntime as ort
+from PIL import UnidentifiedImageError
 
 from pipeline.data.images import load_rgb, to_square
 
 UNKNOWN = "unknown"  # the answer when no label reaches the model's rejection threshold
+
+
+def why_unreadable(error: Exception) -> str:
+    """Why an image gave no answer, in words for one line (`predict`, the served model)."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image (no format that Pillow or pillow-heif reads)"
+    return f"not an image that decodes ({error})"  # truncated or damaged
 
 
 class OnnxClassifier:

@@ -12,7 +12,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
-from pipeline.model.onnx_model import OnnxClassifier
+from pipeline.model.onnx_model import OnnxClassifier, why_unreadable
 
 PACKAGE = Path(__file__).resolve().parent.parent  # pipeline/, logged as the model's code
 # What a fresh environment needs to load and run the model (`--env-manager virtualenv`),
@@ -33,9 +33,13 @@ SIGNATURE = ModelSignature(
             ColSpec(DataType.string, "label"),
             ColSpec(DataType.double, "confidence"),
             ColSpec(Map(DataType.double), "probabilities"),
+            ColSpec(DataType.string, "error", required=False),
         ]
     ),
 )
+
+
+COLUMNS = [column.name for column in SIGNATURE.outputs.inputs]
 
 
 def image_bytes(value: bytes | bytearray | str) -> bytes:
@@ -46,24 +50,27 @@ def image_bytes(value: bytes | bytearray | str) -> bytes:
 
 class ImageModel(mlflow.pyfunc.PythonModel):
     """One row per image in, one row per image out: label ("unknown" under the model's
-    rejection threshold), the top probability, and every label's probability."""
+    rejection threshold), the top probability, and every label's probability; or, for
+    an image that does not decode, why, in `error` (the other rows keep their answers)."""
 
     def load_context(self, context):
         self.classifier = OnnxClassifier(context.artifacts["onnx"])
 
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        rows = []
-        for value in model_input["image"]:
+    def answer(self, value) -> dict:
+        try:
             probabilities = self.classifier.probabilities(io.BytesIO(image_bytes(value)))
-            by_label = dict(zip(self.classifier.labels, map(float, probabilities), strict=True))
-            rows.append(
-                {
-                    "label": self.classifier.answer(probabilities),
-                    "confidence": float(probabilities.max()),
-                    "probabilities": by_label,
-                }
-            )
-        return pd.DataFrame(rows, columns=["label", "confidence", "probabilities"])
+        except Exception as error:  # one bad image must not fail the request of the others
+            return {"label": None, "confidence": None, "probabilities": None, "error": why_unreadable(error)}
+        return {
+            "label": self.classifier.answer(probabilities),
+            "confidence": float(probabilities.max()),
+            "probabilities": dict(zip(self.classifier.labels, map(float, probabilities), strict=True)),
+            "error": None,
+        }
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        # object columns: a missing confidence stays None, which JSON writes as null (not NaN)
+        return pd.DataFrame(map(self.answer, model_input["image"]), columns=COLUMNS, dtype=object)
 
 
 def log_image_model(onnx_path: str | Path, labels: list[str], registered_model_name: str):

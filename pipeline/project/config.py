@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from pipeline.data.images import DataError, SettingError
+from pipeline.project.overrides import check_overrides, check_parameters
 from pipeline.project.settings import check_settings
 
 log = logging.getLogger("pipeline")
@@ -29,6 +30,22 @@ def accept_plus_for_defaulted_groups(argv: list[str]) -> list[str]:
     """
     groups = {path.name for path in CONF_DIR.iterdir() if path.is_dir()}
     return [arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in groups else arg for arg in argv]
+
+
+def checked_overrides(arguments: list[str]) -> list[str]:
+    """A door's arguments, `+group=option` read as `group=option`; a parameter or group
+    option conf/ does not have exits with code 2 and one line naming it and the nearest
+    valid name (pipeline/project/overrides.py), before Hydra's several lines of its own."""
+    arguments = accept_plus_for_defaulted_groups(arguments)
+    # Hydra's overrides: `key=value`, `~key`; its flags start with `-` (`--config-name x`)
+    overrides = [arg for arg in arguments if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
+    try:
+        check_overrides(overrides, CONF_DIR)
+    except SettingError as error:
+        for line in str(error).splitlines():
+            print(f"ERROR   {line}", file=sys.stderr)
+        sys.exit(2)
+    return arguments
 
 
 def compose_config(*overrides: str) -> DictConfig:
@@ -70,6 +87,7 @@ def stage_entry(task: Callable[[DictConfig], None]) -> Callable[[], None]:
 
     def task_or_exit(cfg: DictConfig) -> None:
         try:
+            check_parameters(cfg, CONF_DIR)  # params.yaml may hold what `dvc exp run -S +name=...` added
             check_settings(cfg)
             task(cfg)
         except (DataError, SettingError) as error:  # the user's data or settings: one line each, no traceback
@@ -77,7 +95,7 @@ def stage_entry(task: Callable[[DictConfig], None]) -> Callable[[], None]:
             sys.exit(2)
 
     def main() -> None:
-        sys.argv = accept_plus_for_defaulted_groups(sys.argv)
+        sys.argv = [sys.argv[0], *checked_overrides(sys.argv[1:])]
         hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task_or_exit)()
         exit_without_final_collections()
 

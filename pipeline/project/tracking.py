@@ -48,6 +48,20 @@ def use_store(cfg: DictConfig) -> None:
         raise SettingError(f"the MLflow store {uri} ({where}) cannot be used: {reason}") from None
 
 
+# The alias `mlflow models serve -m models:/<name>@champion` serves; retrain moves it.
+CHAMPION = "champion"
+
+
+def crown_first_version(name: str, version: str) -> None:
+    """A model with no champion yet gets this version as its champion, so the first
+    `dvc repro` leaves one to serve (docs/preview-and-serving.md); from then on only
+    `python -m pipeline.retrain` moves it, to a version that beats it."""
+    client = mlflow.MlflowClient()
+    if CHAMPION not in client.get_registered_model(name).aliases:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        log.info("%s version %s is the first: it is the %s that serving uses", name, version, CHAMPION)
+
+
 def git_commit() -> str:
     result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     return result.stdout.strip() if result.returncode == 0 else "unknown"
