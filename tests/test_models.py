@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import REPO, run
+from conftest import CHROMIUM_FLAGS, REPO, run
 from coremltools.converters.mil.frontend.milproto.load import load as load_mil
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
@@ -375,18 +375,6 @@ def test_predict_agrees_with_evaluate(demo_project):
     (best,) = answer["predictions"]
     assert best["label"] == row["predicted"]
     assert best["confidence"] == pytest.approx(float(row["confidence"]), abs=1e-4)
-
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def test_html_report_renders_in_chromium(demo_project, tmp_path):
