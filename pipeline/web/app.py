@@ -63,7 +63,7 @@ def show_answers(model: Model, files: list[str] | None, answers: list[dict] | No
     """The Preview's answers on the page, a row per image: the image, the top labels
     with their confidence (or why there is none), the nearest training images."""
     for path, result in zip(files or [], answers or [], strict=False):
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_classes="answer"):
             if "error" in result:
                 gr.Markdown(f"**{result['file']}**: {result['error']}")
                 continue
@@ -182,16 +182,20 @@ def serve(cfg: DictConfig) -> None:
     gr.set_static_paths([Path(cfg.paths.report).resolve()])  # the report's link, served as it is
     blocks = page(cfg, Model(cfg))
     try:
-        blocks.launch(
-            server_name="127.0.0.1",
-            server_port=cfg.app.port,
-            prevent_thread_lock=True,
-            quiet=True,
-            ssr_mode=False,  # no Node.js server beside it
-            show_error=True,
-            allowed_paths=[str(Path(cfg.paths.plots_dir).resolve())],
-        )
-    except OSError as error:  # the port is taken
-        raise SettingError(f"app.port = {cfg.app.port}: {str(error).split('.')[0]}") from None
-    log.info("the model in a browser: %s (Ctrl-C stops it)", blocks.local_url)
-    blocks.block_thread()
+        try:
+            blocks.launch(
+                server_name="127.0.0.1",
+                server_port=cfg.app.port,
+                prevent_thread_lock=True,
+                quiet=True,
+                ssr_mode=False,  # no Node.js server beside it
+                show_error=True,
+                allowed_paths=[str(Path(cfg.paths.plots_dir).resolve())],
+            )
+        except OSError as error:  # the port is taken
+            raise SettingError(f"app.port = {cfg.app.port}: {str(error).split('.')[0]}") from None
+        log.info("the model in a browser: %s (Ctrl-C stops it)", blocks.local_url)
+        blocks.block_thread()  # until Ctrl-C, which it answers by closing the server
+    except KeyboardInterrupt:  # Ctrl-C while the server was coming up: the same quiet stop
+        blocks.close()
+    log.info("stopped")
