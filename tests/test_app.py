@@ -182,6 +182,16 @@ def test_a_file_that_is_no_image_gets_a_message_and_the_app_keeps_serving(served
 
 
 @pytest.mark.slow
+def test_the_evaluation_tab_links_to_the_full_report(served, demo_project):
+    report = (demo_project / "reports/report.html").resolve()
+    config = json.loads(urllib.request.urlopen(f"{served}config", timeout=30).read())
+    link = f"/gradio_api/file={report}"
+    assert any(link in str(component.get("props", {}).get("value")) for component in config["components"])
+    with urllib.request.urlopen(served.rstrip("/") + link, timeout=30) as page:
+        assert page.read() == report.read_bytes()
+
+
+@pytest.mark.slow
 def test_a_port_in_use_is_one_line(served, demo_project):
     port = served.rsplit(":", 1)[1].strip("/")
     result = run(app_command(f"app.port={port}"), demo_project, check=False)

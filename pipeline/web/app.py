@@ -100,7 +100,7 @@ def preview_tab(model: Model) -> None:
         "included, at any size; decoded and made square as `python -m pipeline.predict` does."
     )
     files = gr.File(file_count="multiple", label="images")
-    with gr.Accordion("the answers as JSON, as `python -m pipeline.predict --json` prints them", open=False):
+    with gr.Accordion("the answers as JSON, as python -m pipeline.predict --json prints them", open=False):
         answers = gr.JSON(label="answers")
     files.change(model.preview, files, answers, api_name="preview")
     gr.render(inputs=[files, answers], triggers=[answers.change])(lambda f, a: show_answers(model, f, a))
@@ -142,13 +142,13 @@ def curves_plots(cfg: DictConfig, model: Model) -> tuple[pd.DataFrame, pd.DataFr
 
 def training_tab(cfg: DictConfig, model: Model, page: gr.Blocks) -> None:
     gr.Markdown(
-        f"This model's accuracy and loss per epoch, beside the last {cfg.app.runs_compared} runs in MLflow "
-        "(`mlflow ui` compares them in full)."
+        f"This model's accuracy and loss per epoch, on its training and validation images, beside "
+        f"the validation curves of the last {cfg.app.runs_compared} runs in MLflow (`mlflow ui` compares "
+        "them in full)."
     )
     note = gr.Markdown()
-    with gr.Row():
-        accuracy = gr.LinePlot(x="epoch", y="value", color="series", title="accuracy", y_title="accuracy")
-        loss = gr.LinePlot(x="epoch", y="value", color="series", title="loss", y_title="loss")
+    accuracy = gr.LinePlot(x="epoch", y="value", color="series", title="accuracy", y_title="accuracy")
+    loss = gr.LinePlot(x="epoch", y="value", color="series", title="loss", y_title="loss")
     runs = gr.Dataframe(label="the runs compared", interactive=False)
     page.load(lambda: curves_plots(cfg, model), None, [accuracy, loss, runs, note], api_visibility="private")
 
@@ -158,7 +158,7 @@ def output_tab(cfg: DictConfig, model: Model, page: gr.Blocks) -> None:
     gr.Dataframe(pages.file_sizes(cfg), label="files", interactive=False)
     downloads = gr.File(label="download", interactive=False)
     page.load(model.downloads, None, downloads, api_visibility="private")
-    gr.Markdown("In an app, with Vision:" + pages.swift(cfg, model.classifier.crop_and_scale))
+    gr.Markdown("In an app, with Vision:\n\n" + pages.swift(cfg, model.classifier.crop_and_scale))
     gr.Dataframe(pages.metadata(model.classifier), label="metadata, in both files", interactive=False)
 
 

@@ -143,7 +143,7 @@ def run_row(run, name: str) -> dict:
 
 def mlflow_runs(cfg: DictConfig, this_run: str) -> tuple[list[dict], pd.DataFrame]:
     """The last `app.runs_compared` runs in MLflow besides this model's: their
-    curves (`curve_rows`, from the per-epoch metrics) and a row per run."""
+    validation curves (`curve_rows`, from the per-epoch metrics) and a row per run."""
     from mlflow import MlflowClient  # seconds to import: only once a page asks
 
     from pipeline.project.tracking import store_uri
@@ -164,12 +164,11 @@ def mlflow_runs(cfg: DictConfig, this_run: str) -> tuple[list[dict], pd.DataFram
     for run in runs:
         name = f"{run.info.run_name} {run.info.run_id[:6]}"
         table.append(run_row(run, name))
-        for split in SPLITS:
-            for measure in CURVES:
-                # logged once per epoch; its step is a batch count for the MLP, an epoch for L-BFGS
-                history = client.get_metric_history(run.info.run_id, f"epoch/{split}_{measure}")
-                values = [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
-                curves += curve_rows(f"{name}, {split}", measure, values)
+        for measure in CURVES:  # on the validation images: what runs are compared on
+            # logged once per epoch; its step is a batch count for the MLP, an epoch for L-BFGS
+            history = client.get_metric_history(run.info.run_id, f"epoch/validation_{measure}")
+            values = [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
+            curves += curve_rows(f"{name}, validation", measure, values)
     return curves, pd.DataFrame(table, columns=RUN_COLUMNS)
 
 
