@@ -14,9 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import psutil
 import pytest
 from conftest import CHROMIUM_FLAGS, project_env, run
+from PIL import Image
 
 from pipeline.data.images import DataError
 from pipeline.evaluation.similarity import centred_unit, most_similar
@@ -147,17 +149,22 @@ def test_damaged_metrics_are_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_gradio_client_gets_what_predict_gives(served, demo_project):
+def test_gradio_client_gets_what_predict_gives(served, demo_project, tmp_path):
     from gradio_client import Client, handle_file
 
     image = confident_test_images(demo_project, 1)[0]
-    (expected,) = predicted(demo_project, [image])
-    (answer,) = Client(served, verbose=False).predict([handle_file(str(image))], api_name="/preview")
-    assert answer["file"] == image.name and answer["label"] == expected["label"]
-    assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in expected["predictions"]]
-    for got, wanted in zip(answer["predictions"], expected["predictions"], strict=True):
-        assert got["confidence"] == pytest.approx(wanted["confidence"], abs=1e-4)
-    nearest = answer["nearest"]
+    phone = tmp_path / "phone.heic"  # as an iPhone saves it: browsers cannot even show one
+    pillow_heif.from_pillow(Image.open(image).convert("RGB")).save(phone)
+    images = [image, phone]
+    answers = Client(served, verbose=False).predict(
+        [handle_file(str(i)) for i in images], api_name="/preview"
+    )
+    for sent, answer, expected in zip(images, answers, predicted(demo_project, images), strict=True):
+        assert answer["file"] == sent.name and answer["label"] == expected["label"]
+        assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in expected["predictions"]]
+        for got, wanted in zip(answer["predictions"], expected["predictions"], strict=True):
+            assert got["confidence"] == pytest.approx(wanted["confidence"], abs=1e-4)
+    nearest = answers[0]["nearest"]
     assert len(nearest) == 4 and [n["similarity"] for n in nearest] == sorted(
         (n["similarity"] for n in nearest), reverse=True
     )

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from pipeline.data.images import DataError, SettingError
 from pipeline.model.onnx_model import UNKNOWN, OnnxClassifier
 from pipeline.web import pages
-from pipeline.web.preview import answer, thumbnail, training_images
+from pipeline.web.preview import TrainingImages, answer, thumbnail, training_images
 
 log = logging.getLogger(__name__)
 SHOWN = ["fullscreen"]  # an image's buttons: no share button (it posts to Hugging Face)
@@ -30,15 +30,15 @@ class Model:
         self.cfg = cfg
         self.mlpackage, self.onnx = pages.model_files(cfg)
         self.classifier = OnnxClassifier(self.onnx, features=True)
-        self.training = ThreadPoolExecutor(1, thread_name_prefix="training-images").submit(
+        self.reading = ThreadPoolExecutor(1, thread_name_prefix="training-images").submit(
             training_images, cfg, self.classifier
         )
         self.folder = tempfile.TemporaryDirectory(prefix="pipeline-app-")  # the zipped package; gone at exit
         self.zipping = threading.Lock()  # two pages opening at once zip it once
 
-    def training_images(self):
+    def training(self) -> TrainingImages:
         try:
-            return self.training.result()
+            return self.reading.result()
         except DataError as error:  # shown on the page, which keeps serving
             raise gr.Error(str(error)) from None
 
@@ -46,7 +46,7 @@ class Model:
         """Each file's answer, as `predict --json` gives it, with its nearest training images."""
         if not files:
             return []
-        training, app = self.training_images(), self.cfg.app
+        training, app = self.training(), self.cfg.app
         return [answer(self.classifier, training, path, app.top_k, app.nearest) for path in files]
 
     def downloads(self) -> list[str]:
@@ -127,7 +127,7 @@ def curves_plots(cfg: DictConfig, model: Model) -> tuple[pd.DataFrame, pd.DataFr
     """The Training tab's content, read as the page opens: this model's curves and the
     last runs' from MLflow (a store that cannot be read leaves this model's alone)."""
     rows, runs, note = pages.this_model_curves(cfg.paths.curves), pd.DataFrame(), ""
-    this_run = model.training_images().run_id
+    this_run = model.training().run_id
     try:
         others, runs = pages.mlflow_runs(cfg, this_run)
         rows += others
