@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from pipeline import extract, split  # noqa: E402
 from pipeline.api import sha256_of  # noqa: E402
 from pipeline.data.split_file import SplitRow  # noqa: E402
-from pipeline.evaluation.audit import centred_unit  # noqa: E402
+from pipeline.evaluation.similarity import centred_unit  # noqa: E402
 from pipeline.features.extraction import cached_features  # noqa: E402
 from pipeline.features.table import load_table, originals  # noqa: E402
 from pipeline.model.calibration import calibrate, out_of_fold, rejection_threshold  # noqa: E402

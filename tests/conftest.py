@@ -68,6 +68,19 @@ def make_dataset(
     ]
 
 
+# Headless Chromium (Debian's), for the report and the app: nothing reaches beyond this machine.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
 def project_env() -> dict[str, str]:
     """The environment a user's shell would have: venv first, local MLflow store."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

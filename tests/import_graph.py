@@ -6,7 +6,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("split", "extract", "train", "evaluate", "convert")
-DOORS = (*STAGES, "predict", "retrain", "params", "manifest", "storage", "api")
+DOORS = (*STAGES, "predict", "retrain", "params", "manifest", "storage", "api", "app")
 
 
 def module_file(name: str) -> Path | None:

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import REPO, run
+from conftest import CHROMIUM_FLAGS, REPO, run
 from coremltools.converters.mil.frontend.milproto.load import load as load_mil
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
@@ -392,18 +392,6 @@ def test_predict_names_each_file_it_cannot_read_and_exits_2(demo_project, tmp_pa
         f"error: {notes}: not an image (no format that Pillow or pillow-heif reads)",
     ]
     assert result.stdout.startswith(f"{row['path']}: ")  # the readable image keeps its answer
-
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def test_html_report_renders_in_chromium(demo_project, tmp_path):

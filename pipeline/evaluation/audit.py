@@ -6,10 +6,11 @@ Near-duplicates and outliers compare every image with every other: past
 MAX_COMPARED images (about 20 s on 2 cores), on a sample of them, test images first.
 
 Near-duplicates are judged on the features less the training mean (the head's
-standardisation shift): every clip-art image shares a large common component that
-makes raw cosine similarity near 1 for unrelated pairs. Measured on the demo:
-distinct images reach 0.90 at most (apart from one real duplicate at 0.985), copies
-resized to 75-80 % and re-encoded as JPEG 0.90-0.99; hence the default 0.93.
+standardisation shift, pipeline/evaluation/similarity.py): every clip-art image
+shares a large common component that makes raw cosine similarity near 1 for
+unrelated pairs. Measured on the demo: distinct images reach 0.90 at most (apart
+from one real duplicate at 0.985), copies resized to 75-80 % and re-encoded as JPEG
+0.90-0.99; hence the default 0.93.
 """
 
 import logging
@@ -22,6 +23,7 @@ from cleanlab.rank import get_label_quality_scores
 from omegaconf import DictConfig
 from sklearn.neighbors import NearestNeighbors
 
+from pipeline.evaluation.similarity import centred_unit
 from pipeline.features.table import FeatureTable
 from pipeline.model.calibration import HeldOut, out_of_fold
 from pipeline.model.checkpoint import Checkpoint
@@ -67,11 +69,6 @@ def label_issues(table: FeatureTable, rows: np.ndarray, probabilities: np.ndarra
         for rank, i in enumerate(order)
         if rank < listed or flagged[i]
     ]
-
-
-def centred_unit(features: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    centred = features - shift
-    return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
 
 
 def compared(rows: np.ndarray, splits: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.features.backbone import fix_same_padding, image_features, onnx_graph, save_onnx
+from pipeline.model.onnx_model import FEATURES as FEATURES_NAME
 
 
 def import_coremltools():
@@ -109,7 +110,7 @@ def core_ml_image_input(extractor: DictConfig) -> ct.ImageType:
 # The tensor between backbone and head, in both formats. float32 on both sides of the
 # Core ML pipeline: a pipeline's parts must agree on it exactly, and iOS 16 converters
 # would otherwise pick float16 for float16 models only.
-FEATURES = ct.TensorType(name="features", dtype=np.float32)
+FEATURES = ct.TensorType(name=FEATURES_NAME, dtype=np.float32)
 
 
 def backbone_to_core_ml(backbone: nn.Module, extractor: DictConfig, precision: str) -> ct.models.MLModel:

@@ -54,6 +54,10 @@ def none_or_text() -> tuple[Check, str]:
     return lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null or an address (text)"
 
 
+def port() -> tuple[Check, str]:
+    return lambda v: integer(1)[0](v) and v <= 65535, "a port number, 1 to 65535"
+
+
 def layer_sizes() -> tuple[Check, str]:
     return lambda v: isinstance(v, list) and all(integer(1)[0](n) for n in v), "a list of layer sizes >= 1"
 
@@ -115,6 +119,10 @@ RULES: dict[str, tuple[Check, str]] = {
     "model.name": (lambda v: isinstance(v, str) and bool(SWIFT_IDENTIFIER.match(v)), "a Swift identifier"),
     "model.precision": one_of("float32", "float16", "int8"),
     "retrain.margin": number(0),
+    "app.port": port(),
+    "app.top_k": integer(1),
+    "app.nearest": integer(0),
+    "app.runs_compared": integer(0),
     "storage.type": one_of("local", "s3"),
     "storage.bucket": bucket_name(),
     "storage.dvc_remote": s3_url_or_null(),

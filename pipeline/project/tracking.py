@@ -32,14 +32,20 @@ HTTP_PATIENCE = {
 }
 
 
-def use_store(cfg: DictConfig) -> None:
-    """The local SQLite store by default; MLFLOW_TRACKING_URI, when set, wins.
-    SettingError naming the store when it does not answer or is damaged."""
+def store_uri(cfg: DictConfig) -> tuple[str, str]:
+    """The store's URI, and the setting that chose it: the local SQLite store by
+    default; MLFLOW_TRACKING_URI, when set, wins. Its HTTP patience set too."""
     for name, value in HTTP_PATIENCE.items():
         os.environ.setdefault(name, value)
     # which setting chose the store, asked before MLflow, which may set the variable itself
     where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri, where
+
+
+def use_store(cfg: DictConfig) -> None:
+    """The store (`store_uri`) and its experiment, made if new, for the runs of this process.
+    SettingError naming the store when it does not answer or is damaged."""
+    uri, where = store_uri(cfg)
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.set_experiment(cfg.mlflow.experiment)
