@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> None:
     )
 
 
-main = stage_entry(run)
+main = stage_entry(run, "convert")
 
 if __name__ == "__main__":
     main()

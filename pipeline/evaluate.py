@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> None:
         log.info("report: %s", cfg.paths.report)
 
 
-main = stage_entry(run)
+main = stage_entry(run, "evaluate")
 
 if __name__ == "__main__":
     main()

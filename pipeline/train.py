@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> None:
     )
 
 
-main = stage_entry(run)
+main = stage_entry(run, "train")
 
 if __name__ == "__main__":
     main()

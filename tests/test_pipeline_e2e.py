@@ -14,6 +14,8 @@ import mlflow
 import pytest
 from conftest import copy_project, project_env, project_repro_output, run
 
+from pipeline.model.checkpoint import load_checkpoint
+
 pytestmark = pytest.mark.slow
 STAGES = ["split", "extract", "train", "evaluate", "convert"]
 
@@ -129,6 +131,25 @@ def test_train_plus_extractor_v2_as_typed(project):
     _, runs = mlflow_runs(project)
     assert runs[0].data.params["extractor.name"] == "v2"
     assert runs[0].info.status == "FINISHED"
+
+
+def test_a_multirun_gives_each_job_its_folder_and_run_and_leaves_dvc_outputs_alone(project):
+    owned = ["models/head.ckpt", "reports/training_curves.csv"]
+    before = {path: (project / path).read_bytes() for path in owned}
+    status = ["git", "status", "--porcelain", "--untracked-files=all"]
+    git_status = run(status, project).stdout
+    run([sys.executable, "-m", "pipeline.train", "-m", "head=logistic,mlp"], project)
+    assert {path: (project / path).read_bytes() for path in owned} == before
+    jobs = sorted((project / "multirun").glob("*/*/[0-9]"))
+    assert [load_checkpoint(job / "models/head.ckpt")[1].head["type"] for job in jobs] == ["logistic", "mlp"]
+    assert all((job / "reports/training_curves.csv").is_file() for job in jobs)
+    _, runs = mlflow_runs(project)
+    assert [(r.data.params["head.type"], r.info.status) for r in runs[:2]] == [
+        ("mlp", "FINISHED"),
+        ("logistic", "FINISHED"),
+    ]
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
+    assert run(status, project).stdout == git_status  # the job folders are ignored
 
 
 def test_dvc_exp_run_with_override_is_listed(project):
