@@ -24,7 +24,8 @@ from pipeline.project.config import CONF_DIR, stage_entry
 
 log = logging.getLogger(__name__)
 
-UP_TO_DATE, FAILED, PROMOTED, KEPT, LOCKED = 0, 1, 10, 11, 75  # 75: EX_TEMPFAIL, "try again later"
+UP_TO_DATE, FAILED, SETTINGS, PROMOTED, KEPT = 0, 1, 2, 10, 11
+LOCKED = 75  # EX_TEMPFAIL, "try again later"
 CHAMPION = "champion"
 
 
@@ -151,8 +152,14 @@ def retrain(cfg: DictConfig) -> int:
             log.warning("locked: another retraining holds %s", cfg.retrain.lock_file)
             return LOCKED
         # conf/ is what a scheduled run trains with (in a process of its own: this
-        # one's Hydra is already initialised)
-        subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=root, check=True, capture_output=True)
+        # one's Hydra is already initialised); it refuses to drop a value params.yaml
+        # holds that conf/ does not give (a `dvc exp apply`), and says which
+        params = subprocess.run(
+            [sys.executable, "-m", "pipeline.params"], cwd=root, capture_output=True, text=True
+        )
+        if params.returncode != 0:
+            log.error("%s", params.stderr.strip().splitlines()[-1].removeprefix("error: "))
+            return SETTINGS
         try:
             if pipeline_is_up_to_date(root):
                 log.info("up to date: no change in images, parameters or code since the last run")
