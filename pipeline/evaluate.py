@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> None:
     from pipeline.project.files import write_csv, write_frame, write_json, write_text
 
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
-    with tracking.resumed_run(cfg, checkpoint.mlflow_run_id):  # FAILED if evaluating fails
+    with tracking.resumed_run(cfg, cfg.paths.checkpoint):  # FAILED if evaluating fails
         table = features_for(cfg)
         metrics, predictions = evaluate(
             head, originals(table), checkpoint.rejection_threshold, cfg.train.feature_batch_rows

@@ -18,7 +18,6 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig
 
-from pipeline.model.checkpoint import load_checkpoint
 from pipeline.project import tracking
 from pipeline.project.config import CONF_DIR, stage_entry
 
@@ -117,9 +116,8 @@ def champion_score(client: mlflow.MlflowClient, name: str, metric: str) -> tuple
 
 def promote_or_keep(cfg: DictConfig, metrics: dict, registered_before: int) -> int:
     """Compare the version this run registered with the champion; record why."""
-    _, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     client = mlflow.MlflowClient()
-    run = client.get_run(checkpoint.mlflow_run_id)
+    run = client.get_run(tracking.training_run_id(cfg, cfg.paths.checkpoint))
     name, version = cfg.model.name, run.data.tags.get("model_version", "0")
     if int(version) <= registered_before:  # e.g. only `evaluate` reran: the model is the one before
         log.info("no new model version: this run registered none; the champion stays")
