@@ -24,6 +24,7 @@ def run(cfg: DictConfig) -> None:
         evaluate,
         mlflow_metrics,
         of_split,
+        summary,
         too_few_to_judge,
         wrong,
     )
@@ -41,6 +42,7 @@ def run(cfg: DictConfig) -> None:
             head, originals(table), checkpoint.rejection_threshold, cfg.train.feature_batch_rows
         )
         write_json(cfg.paths.metrics, metrics)
+        write_json(cfg.paths.summary, summary(metrics))
         write_frame(cfg.paths.predictions, predictions)
         confusion_split = next(split for split in ("test", "validation", "train") if split in metrics)
         judged = of_split(predictions, confusion_split)

@@ -165,14 +165,20 @@ def test_outputs_made_again_from_scratch_are_the_same_bytes(project):
 
 def test_dvc_exp_run_with_override_is_listed(project):
     run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "baseline"], project)
+    run(["git", "commit", "-qm", "baseline", "--allow-empty"], project)  # clean after a repro
     run(["dvc", "exp", "run", "-n", "faster-lr", "-S", "train.learning_rate=0.03"], project)
     experiments = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     listed = [exp["data"] for exp in walk(experiments) if exp.get("name") == "faster-lr" and "data" in exp]
     assert listed, "dvc exp show does not list the experiment"
     for data in listed:
         assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.03
-        assert "test" in data["metrics"]["reports/metrics.json"]["data"]
+        assert "test" in data["metrics"]["reports/summary.json"]["data"]
+    # what it prints: a column per figure of a split, none per label; the README's form,
+    # --only-changed, only what the experiment changed
+    columns = run(["dvc", "exp", "show", "--csv"], project).stdout.splitlines()[0].split(",")
+    assert "test.accuracy" in columns and not [column for column in columns if "per_class" in column]
+    changed = run(["dvc", "exp", "show", "--only-changed", "--csv"], project).stdout.splitlines()[0]
+    assert "train.learning_rate" in changed.split(",") and len(changed.split(",")) <= 30
 
 
 def walk(node):
