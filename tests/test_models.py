@@ -224,7 +224,10 @@ def test_convert_with_a_cached_backbone_imports_only_what_it_needs_and_leaves_no
     Nothing is left in the temporary folder (coremltools left a package per run)."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     overrides = [f"paths.{key}={value}" for key, value in converted.paths.items()]
-    overrides.append(f"mlflow.tracking_uri={converted.mlflow.tracking_uri}")
+    overrides += [
+        f"mlflow.tracking_uri={converted.mlflow.tracking_uri}",
+        f"hydra.run.dir={Path(converted.paths.models_dir).parent}",
+    ]
     result = run([sys.executable, "-c", PROBE, *overrides], REPO)
     report = json.loads(result.stdout.splitlines()[-1])
     print(f"python -m pipeline.convert with its backbone cached: {report['seconds']:.1f} s after start-up")
