@@ -286,7 +286,8 @@ def whole_process_on_fresh_clone(paths: list[Path], cfg, work: Path) -> tuple[fl
     link_project_data(paths, data)
     shutil.rmtree(work / "clone", ignore_errors=True)
     clone = fresh_clone(work / "clone")
-    overrides = [f"data.train_dir={data}", "data.test_dir=null"]
+    # the pipeline's own paths (hydra.run.dir=.), as dvc repro writes them: extract reads the split
+    overrides = [f"data.train_dir={data}", "data.test_dir=null", "hydra.run.dir=."]
     # the split reads every file once, so both sides then read them from the page cache
     stamped_lines([sys.executable, "-m", "pipeline.split", *overrides], clone)
     seconds, lines = stamped_lines([sys.executable, "-m", "pipeline.extract", *overrides], clone)

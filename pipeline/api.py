@@ -281,7 +281,7 @@ class ImageClassifier:
             table = build_table(cfg, split)
             head, strength = fit_head(cfg, table, [EpochCurve()])
             calibration, _ = calibrate(cfg, table, head, strength)
-        model = cls(head, checkpoint_for(cfg, table, head, strength, calibration, run_id=""), cfg)
+        model = cls(head, checkpoint_for(cfg, table, head, strength, calibration), cfg)
         model.skipped = [Skipped(**s) for s in split["skipped"]] + [
             Skipped(**s) for s in table["meta"]["skipped"]
         ]

@@ -26,7 +26,7 @@ def run(cfg: DictConfig) -> None:
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     models = Path(cfg.paths.models_dir)
     mlpackage, onnx_path = models / f"{cfg.model.name}.mlpackage", models / f"{cfg.model.name}.onnx"
-    with tracking.resumed_run(cfg, checkpoint.mlflow_run_id):  # FAILED if converting fails
+    with tracking.resumed_run(cfg, cfg.paths.checkpoint):  # FAILED if converting fails
         _, sizes = write_model_files(cfg, head, checkpoint, mlpackage, onnx_path)
         write_json(cfg.paths.model_report, sizes)
         mlflow.log_metrics(
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> None:
     )
 
 
-main = stage_entry(run)
+main = stage_entry(run, "convert")
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ def run(cfg: DictConfig) -> None:
         evaluate,
         mlflow_metrics,
         of_split,
+        summary,
         too_few_to_judge,
         wrong,
     )
@@ -35,12 +36,13 @@ def run(cfg: DictConfig) -> None:
     from pipeline.project.files import write_csv, write_frame, write_json, write_text
 
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
-    with tracking.resumed_run(cfg, checkpoint.mlflow_run_id):  # FAILED if evaluating fails
+    with tracking.resumed_run(cfg, cfg.paths.checkpoint):  # FAILED if evaluating fails
         table = features_for(cfg)
         metrics, predictions = evaluate(
             head, originals(table), checkpoint.rejection_threshold, cfg.train.feature_batch_rows
         )
         write_json(cfg.paths.metrics, metrics)
+        write_json(cfg.paths.summary, summary(metrics))
         write_frame(cfg.paths.predictions, predictions)
         confusion_split = next(split for split in ("test", "validation", "train") if split in metrics)
         judged = of_split(predictions, confusion_split)
@@ -94,7 +96,7 @@ def run(cfg: DictConfig) -> None:
         log.info("report: %s", cfg.paths.report)
 
 
-main = stage_entry(run)
+main = stage_entry(run, "evaluate")
 
 if __name__ == "__main__":
     main()

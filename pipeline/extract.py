@@ -25,7 +25,7 @@ def run(cfg: DictConfig) -> None:
     )
 
 
-main = stage_entry(run)
+main = stage_entry(run, "extract")
 
 if __name__ == "__main__":
     main()

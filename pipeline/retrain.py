@@ -18,13 +18,13 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig
 
-from pipeline.model.checkpoint import load_checkpoint
 from pipeline.project import tracking
 from pipeline.project.config import CONF_DIR, stage_entry
 
 log = logging.getLogger(__name__)
 
-UP_TO_DATE, FAILED, PROMOTED, KEPT, LOCKED = 0, 1, 10, 11, 75  # 75: EX_TEMPFAIL, "try again later"
+UP_TO_DATE, FAILED, SETTINGS, PROMOTED, KEPT = 0, 1, 2, 10, 11
+LOCKED = 75  # EX_TEMPFAIL, "try again later"
 
 
 @contextmanager
@@ -120,9 +120,8 @@ def champion_score(
 
 def promote_or_keep(cfg: DictConfig, metrics: dict, registered_before: int) -> int:
     """Compare the version this run registered with the champion; record why."""
-    _, checkpoint = load_checkpoint(cfg.paths.checkpoint)
     client = mlflow.MlflowClient()
-    run = client.get_run(checkpoint.mlflow_run_id)
+    run = client.get_run(tracking.training_run_id(cfg, cfg.paths.checkpoint))
     name, version = cfg.model.name, run.data.tags.get("model_version", "0")
     if int(version) <= registered_before:  # e.g. only `evaluate` reran: the model is the one before
         log.info("no new model version: this run registered none; the champion stays")
@@ -161,8 +160,14 @@ def retrain(cfg: DictConfig) -> int:
             log.warning("locked: another retraining holds %s", cfg.retrain.lock_file)
             return LOCKED
         # conf/ is what a scheduled run trains with (in a process of its own: this
-        # one's Hydra is already initialised)
-        subprocess.run([sys.executable, "-m", "pipeline.params"], cwd=root, check=True, capture_output=True)
+        # one's Hydra is already initialised); it refuses to drop a value params.yaml
+        # holds that conf/ does not give (a `dvc exp apply`), and says which
+        params = subprocess.run(
+            [sys.executable, "-m", "pipeline.params"], cwd=root, capture_output=True, text=True
+        )
+        if params.returncode != 0:
+            log.error("%s", params.stderr.strip().splitlines()[-1].removeprefix("error: "))
+            return SETTINGS
         try:
             if pipeline_is_up_to_date(root):
                 log.info("up to date: no change in images, parameters or code since the last run")

@@ -66,7 +66,7 @@ def run(cfg: DictConfig) -> None:
     write_json(cfg.paths.data_report, report)
 
 
-main = stage_entry(run)
+main = stage_entry(run, "split")
 
 if __name__ == "__main__":
     main()

@@ -34,8 +34,9 @@ def run(cfg: DictConfig) -> None:
         calibration, held_out = calibrate(cfg, table, head, strength)
         mlflow.log_params({f"calibrate.{key}_used": value for key, value in calibration.items()})
         saved = held_out.saved(cfg, table) if held_out is not None else None
-        checkpoint = checkpoint_for(cfg, table, head, strength, calibration, run_id, saved)
+        checkpoint = checkpoint_for(cfg, table, head, strength, calibration, saved)
         save_checkpoint(cfg.paths.checkpoint, checkpoint)
+        tracking.tag_checkpoint(cfg.paths.checkpoint)  # how evaluate and convert find this run
     last = curve.rows[-1]
     log.info(
         "trained %s head for %d epochs: %s (MLflow run %s)",
@@ -46,7 +47,7 @@ def run(cfg: DictConfig) -> None:
     )
 
 
-main = stage_entry(run)
+main = stage_entry(run, "train")
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, project_env
+from conftest import REPO, fresh_clone, project_env, run
+from dvc.utils.hydra import compose_and_dump
 from omegaconf import OmegaConf
 
 from pipeline.project.config import accept_plus_for_defaulted_groups, compose_config
@@ -75,3 +76,41 @@ def test_a_stage_refuses_a_parameter_that_dvc_added_to_params_yaml(tmp_path):
         "ERROR   trian.learning_rate: no such parameter in conf/ (did you mean train.learning_rate?)"
     ]
     assert not (tmp_path / "models").exists()
+
+
+def exp_run_writes(project, *overrides: str) -> None:
+    """params.yaml as `dvc exp run -S` leaves it (DVC's own composition), conf/ untouched."""
+    compose_and_dump(
+        project / "params.yaml", str(project / "conf"), None, "config", str(project), list(overrides)
+    )
+
+
+def test_recomposing_params_refuses_to_drop_a_dvc_exp_choice(tmp_path):
+    """`dvc exp run -S head=mlp`, applied: neither `pipeline.params` nor `retrain` reverts it unsaid."""
+    project = fresh_clone(tmp_path)
+    exp_run_writes(project, "head=mlp")
+    chosen = (project / "params.yaml").read_text()
+    for door in ("pipeline.params", "pipeline.retrain"):
+        result = run([sys.executable, "-m", door], project, check=False)
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        assert result.returncode == 2, lines
+        assert len(lines) == 1 and 'head.type = "mlp" (conf/: "logistic")' in lines[0]
+        assert (project / "params.yaml").read_text() == chosen
+
+
+def test_a_failed_exp_run_leaves_a_value_that_is_named_then_discarded(tmp_path):
+    project = fresh_clone(tmp_path)
+    exp_run_writes(project, "data.train_dir=missing")
+    result = run([sys.executable, "-m", "pipeline.params"], project, check=False)
+    assert result.returncode == 2 and 'data.train_dir = "missing" (conf/: "data/demo/train")' in result.stderr
+    run([sys.executable, "-m", "pipeline.params", "--discard"], project)
+    assert yaml.safe_load((project / "params.yaml").read_text())["data"]["train_dir"] == "data/demo/train"
+
+
+def test_params_takes_an_edit_of_conf(tmp_path):
+    """The README's way to change a parameter: edit conf/, then `python -m pipeline.params`."""
+    project = fresh_clone(tmp_path)
+    config = project / "conf/config.yaml"
+    config.write_text(config.read_text().replace("learning_rate: 0.001", "learning_rate: 0.01"))
+    run([sys.executable, "-m", "pipeline.params"], project)
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"] == 0.01

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import classification_report
 
-from pipeline.evaluation.metrics import evaluate
+from pipeline.evaluation.metrics import evaluate, summary
 from pipeline.model.head import ClassifierHead
 
 
@@ -52,3 +52,24 @@ def test_missing_split_has_no_key():
     }
     metrics, _ = evaluate(ClassifierHead(2, 2).eval(), table)
     assert set(metrics) == {"train"}
+
+
+def per_split_figures(labels: list[str]) -> list[str]:
+    """The metric keys `dvc exp show` shows as columns, for a model of `labels`."""
+    rng = np.random.default_rng(0)
+    n = 40 * len(labels)
+    table = {
+        "features": rng.normal(size=(n, 8)).astype(np.float32),
+        "label_index": np.arange(n) % len(labels),
+        "split": np.array(["train", "validation", "test", "test"] * (n // 4)),
+        "path": np.array([f"img{i}.jpg" for i in range(n)]),
+        "meta": {"labels": labels},
+    }
+    metrics, _ = evaluate(ClassifierHead(8, len(labels)).eval(), table)
+    return [f"{split}.{key}" for split, values in summary(metrics).items() for key in values]
+
+
+def test_dvc_shows_the_same_metric_columns_for_4_labels_as_for_100():
+    four = per_split_figures(["flag", "fruit", "mammal", "vehicle"])
+    assert four == per_split_figures([f"label{i}" for i in range(100)])
+    assert len(four) <= 25 and "test.accuracy" in four and not any("per_class" in key for key in four)

@@ -430,8 +430,8 @@ def test_sigkill_in_any_stage_then_repro_reaches_the_clean_metrics(demo_project,
     tracking.mark_killed_runs(experiment)
     assert {r.info.status for r in client.search_runs([experiment])} <= {"FINISHED", "KILLED", "FAILED"}
     # the run behind the model in place (DVC's run cache may have put back an earlier one)
-    _, checkpoint = load_checkpoint(project / "models/head.ckpt")
-    behind = client.get_run(checkpoint.mlflow_run_id)
+    made_it = f"tags.{tracking.CHECKPOINT_TAG} = '{tracking.file_sha256(project / 'models/head.ckpt')}'"
+    behind = client.search_runs([experiment], made_it, order_by=["attributes.start_time DESC"])[0]
     assert behind.info.status == "FINISHED"
     assert behind.data.metrics["test_accuracy"] == pytest.approx(clean["test"]["accuracy"])
 

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import coremltools as ct
@@ -41,16 +40,17 @@ LABELS = ["flag", "fruit", "mammal", "vehicle"]
 DEMO_IMAGES = sorted((REPO / "data/demo/test").rglob("*.jpg"))[::12]
 
 
-def new_run_id(cfg) -> str:
-    """A finished MLflow run, as `train` leaves one."""
-    with tracking.new_run(cfg, "f" * 64) as run_id:
-        return run_id
+def save_as_trained(cfg, checkpoint: Checkpoint) -> None:
+    """`checkpoint` in its place with the finished MLflow run that made it, as `train` leaves them."""
+    with tracking.new_run(cfg, "f" * 64):
+        save_checkpoint(cfg.paths.checkpoint, checkpoint)
+        tracking.tag_checkpoint(cfg.paths.checkpoint)
 
 
 def hand_made_checkpoint(
     cfg, labels: list[str], crop_and_scale: str, hidden_sizes: list[int], seed: int, dim: int = 1280
 ) -> Checkpoint:
-    """A random head for `dim` features (v1's), standardisation included, in a new MLflow run."""
+    """A random head for `dim` features (v1's), standardisation included."""
     torch.manual_seed(seed)
     head = ClassifierHead(dim, len(labels), hidden_sizes).eval()
     head.standardise_on(torch.rand(64, dim) * 2)  # not the identity: the models must include it
@@ -63,8 +63,6 @@ def hand_made_checkpoint(
         extractor=describe(cfg.extractor, crop_and_scale),
         input_size=cfg.extractor.input_size,
         data_fingerprint="f" * 64,
-        mlflow_run_id=new_run_id(cfg),
-        trained_at=datetime.now(UTC).isoformat(),
         regularization=1e-3,
         calibration={"temperature": 1.0, "rejection_threshold": 0.0, "keep": 1.0, "fitted_on": "nothing"},
         state_dict=head.state_dict(),
@@ -81,7 +79,7 @@ def converted(tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
         checkpoint = hand_made_checkpoint(cfg, ["rouge écarlate", "green, leafy", "blue"], "scaleFit", [], 0)
-        save_checkpoint(cfg.paths.checkpoint, checkpoint)
+        save_as_trained(cfg, checkpoint)
         convert.run(cfg)
     return cfg
 
@@ -110,7 +108,6 @@ def check_image_classifier(model, labels: list[str], crop_and_scale: str, extrac
     assert json.loads(user["labels"]) == labels
     assert user["crop_and_scale"] == crop_and_scale
     assert (user["extractor"], user["architecture"]) == (extractor, "tf_efficientnet_lite0")
-    assert datetime.fromisoformat(user["trained_at"]).tzinfo is not None
     assert len(user["data_fingerprint"]) == 64
     assert spec.description.metadata.shortDescription and spec.description.metadata.versionString == "1.0"
 
@@ -170,7 +167,7 @@ def test_a_new_head_reuses_the_cached_backbone_and_the_twin_matches_torch(conver
     cached = cached_files(cfg)
     assert len(cached) > 3  # the ONNX graph and a Core ML package's files
     labels = ["cat", "dog"]
-    save_checkpoint(cfg.paths.checkpoint, hand_made_checkpoint(cfg, labels, "scaleFit", [32], seed=1))
+    save_as_trained(cfg, hand_made_checkpoint(cfg, labels, "scaleFit", [32], seed=1))
 
     started = time.perf_counter()
     with caplog.at_level("INFO", logger="pipeline.model.export"):
@@ -201,9 +198,7 @@ def test_v2_exports_its_every_stage_features_in_both_formats(tmp_path, monkeypat
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "extractor=v2",
     )
-    save_checkpoint(
-        cfg.paths.checkpoint, hand_made_checkpoint(cfg, LABELS, "scaleFill", [], seed=2, dim=2848)
-    )
+    save_as_trained(cfg, hand_made_checkpoint(cfg, LABELS, "scaleFill", [], seed=2, dim=2848))
     convert.run(cfg)
     backbone, _ = core_ml_model(cfg).get_spec().pipelineClassifier.pipeline.models
     (features,) = backbone.description.output
@@ -231,8 +226,11 @@ def test_convert_with_a_cached_backbone_imports_only_what_it_needs_and_leaves_no
     Nothing is left in the temporary folder (coremltools left a package per run)."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     overrides = [f"paths.{key}={value}" for key, value in converted.paths.items()]
-    overrides.append(f"mlflow.tracking_uri={converted.mlflow.tracking_uri}")
-    overrides.append(f"extractor={converted.extractor.name}")
+    overrides += [
+        f"mlflow.tracking_uri={converted.mlflow.tracking_uri}",
+        f"extractor={converted.extractor.name}",
+        f"hydra.run.dir={Path(converted.paths.models_dir).parent}",
+    ]
     result = run([sys.executable, "-c", PROBE, *overrides], REPO)
     report = json.loads(result.stdout.splitlines()[-1])
     print(f"python -m pipeline.convert with its backbone cached: {report['seconds']:.1f} s after start-up")

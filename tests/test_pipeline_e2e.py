@@ -4,6 +4,7 @@ the doors users use: dvc repro, python -m pipeline.<stage>, dvc exp run."""
 import csv
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import urllib.request
 import mlflow
 import pytest
 from conftest import copy_project, project_env, project_repro_output, run
+
+from pipeline.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 STAGES = ["split", "extract", "train", "evaluate", "convert"]
@@ -131,16 +134,51 @@ def test_train_plus_extractor_v1_as_typed(project):
     assert runs[0].info.status == "FINISHED"
 
 
+def test_a_multirun_gives_each_job_its_folder_and_run_and_leaves_dvc_outputs_alone(project):
+    owned = ["models/head.ckpt", "reports/training_curves.csv"]
+    before = {path: (project / path).read_bytes() for path in owned}
+    status = ["git", "status", "--porcelain", "--untracked-files=all"]
+    git_status = run(status, project).stdout
+    run([sys.executable, "-m", "pipeline.train", "-m", "head=logistic,mlp"], project)
+    assert {path: (project / path).read_bytes() for path in owned} == before
+    jobs = sorted((project / "multirun").glob("*/*/[0-9]"))
+    assert [load_checkpoint(job / "models/head.ckpt")[1].head["type"] for job in jobs] == ["logistic", "mlp"]
+    assert all((job / "reports/training_curves.csv").is_file() for job in jobs)
+    _, runs = mlflow_runs(project)
+    assert [(r.data.params["head.type"], r.info.status) for r in runs[:2]] == [
+        ("mlp", "FINISHED"),
+        ("logistic", "FINISHED"),
+    ]
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
+    assert run(status, project).stdout == git_status  # the job folders are ignored
+
+
+def test_outputs_made_again_from_scratch_are_the_same_bytes(project):
+    """A fresh clone's `dvc repro` leaves dvc.lock as committed: the feature table, the
+    head, the ONNX model and the Core ML package hold no time, run id or random name."""
+    lock = (project / "dvc.lock").read_text()
+    for made in ("artifacts/feature_cache", "artifacts/features"):  # what a clone lacks
+        shutil.rmtree(project / made)
+    run(["dvc", "repro", "-f", "--no-run-cache", "--single-item", "extract", "train", "convert"], project)
+    assert (project / "dvc.lock").read_text() == lock
+
+
 def test_dvc_exp_run_with_override_is_listed(project):
     run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "baseline"], project)
+    run(["git", "commit", "-qm", "baseline", "--allow-empty"], project)  # clean after a repro
     run(["dvc", "exp", "run", "-n", "faster-lr", "-S", "train.learning_rate=0.03"], project)
     experiments = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     listed = [exp["data"] for exp in walk(experiments) if exp.get("name") == "faster-lr" and "data" in exp]
     assert listed, "dvc exp show does not list the experiment"
     for data in listed:
         assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.03
-        assert "test" in data["metrics"]["reports/metrics.json"]["data"]
+        assert "test" in data["metrics"]["reports/summary.json"]["data"]
+    # what it prints: a column per figure of a split, none per label; the README's form,
+    # --only-changed, only what the experiment changed
+    columns = run(["dvc", "exp", "show", "--csv"], project).stdout.splitlines()[0].split(",")
+    assert "test.accuracy" in columns and not [column for column in columns if "per_class" in column]
+    changed = run(["dvc", "exp", "show", "--only-changed", "--csv"], project).stdout.splitlines()[0]
+    assert "train.learning_rate" in changed.split(",") and len(changed.split(",")) <= 30
 
 
 def walk(node):

@@ -343,6 +343,7 @@ def test_mlflow_artifacts_land_in_the_bucket(s3_store, mlflow_server, tmp_path):
     overrides = [f"data.train_dir={tmp_path / 'train'}", f"data.test_dir={tmp_path / 'test'}"]
     overrides += [f"paths.{key}={tmp_path / 'out' / value}" for key, value in compose_config().paths.items()]
     overrides += [
+        f"hydra.run.dir={tmp_path / 'out'}",  # the stages' run folder too, not in the repository
         "storage=s3",
         f"storage.bucket={BUCKET}",
         f"storage.mlflow_tracking_uri=http://127.0.0.1:{mlflow_server}",

@@ -177,6 +177,13 @@ def mlflow_metric_name(split: str, label: str, metric: str) -> str:
     return f"{split}_{label}_{metric}"
 
 
+def summary(metrics: dict) -> dict:
+    """metrics.json without its per-label figures: the file dvc.yaml declares as
+    metrics, so that `dvc exp show` and `dvc metrics show` have a column per figure of
+    a split (23 with a test set), not four more for every label (docs/comparing-runs.md)."""
+    return {split: {k: v for k, v in values.items() if k != "per_class"} for split, values in metrics.items()}
+
+
 def mlflow_metrics(metrics: dict) -> dict[str, float]:
     """metrics.json flattened: test_accuracy, test_fruit_recall, ..."""
     flat = {}

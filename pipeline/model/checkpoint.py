@@ -2,10 +2,13 @@
 
 Readers (evaluate, convert, predict, retrain, the Python API) get the head and
 everything needed to use it without importing Lightning or MLflow.
+
+The same data and settings make the same bytes, so a fresh clone's `dvc repro`
+reproduces dvc.lock exactly: no time, MLflow run id or file name is inside (the
+run that made a checkpoint is found by its hash, pipeline/project/tracking.py).
 """
 
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,8 +26,6 @@ class Checkpoint:
     extractor: dict  # the feature cache's description: name, fingerprint, input_size, crop_and_scale, ...
     input_size: int
     data_fingerprint: str
-    mlflow_run_id: str
-    trained_at: str
     regularization: float  # the L2 strength the head was trained with (chosen by cross-validation or set)
     calibration: dict  # temperature, rejection_threshold, keep, fitted_on (pipeline/model/calibration.py)
     state_dict: dict = field(repr=False)
@@ -51,7 +52,13 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
-    write_atomically(path, partial(torch.save, asdict(checkpoint)))
+    def write(temporary: Path) -> None:
+        # to an open file, not a path: torch names the zip's folder after the file,
+        # and the temporary file's name holds the process id
+        with temporary.open("wb") as file:
+            torch.save(asdict(checkpoint), file)
+
+    write_atomically(path, write)
 
 
 def load_checkpoint(path: str | Path) -> tuple[ClassifierHead, Checkpoint]:

@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("coremltools").setLevel(logging.WARNING)  # one line per removed op otherwise
 
 # The backbone conversions' folder inside the feature cache's folder for an extractor.
-# .dvcignore names it: without that, DVC would see `extract`'s output change on every
-# `convert` and run `extract` again.
 CACHE_FOLDER = "converted-backbone"
 # Bump when the backbone's conversion below changes what it produces: cached
 # conversions of an older format are then made again.

@@ -6,11 +6,10 @@ The backbone's conversions are cached per extractor (pipeline/model/export.py): 
 run that brings only a new head converts the head and joins it to them.
 """
 
-import getpass
 import json
 import logging
-import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import onnx
@@ -32,6 +31,8 @@ from pipeline.project.files import write_folder_atomically
 log = logging.getLogger(__name__)
 
 NO_LICENSE = "No license provided"  # what Create ML writes when the license is left empty
+# coremltools' metadata that differs by the day and by machine, not by the model
+CONVERTER_STAMPS = ("com.github.apple.coremltools.conversion_date", "com.github.apple.coremltools.source")
 
 
 def check_extractor(cfg: DictConfig, checkpoint: Checkpoint) -> None:
@@ -55,7 +56,6 @@ def user_metadata(cfg: DictConfig, checkpoint: Checkpoint) -> dict[str, str]:
         "extractor": cfg.extractor.name,
         "architecture": cfg.extractor.architecture,
         "labels": json.dumps(checkpoint.labels, ensure_ascii=False),  # labels may hold commas
-        "trained_at": checkpoint.trained_at,
         "data_fingerprint": checkpoint.data_fingerprint,
         # the imageCropAndScaleOption an app must set on its VNCoreMLRequest
         "crop_and_scale": checkpoint.crop_and_scale,
@@ -71,7 +71,7 @@ def to_core_ml(
 ) -> ct.models.MLModel:
     classifier = head_to_core_ml(head, checkpoint.in_features, checkpoint.labels, cfg.model.precision)
     model = core_ml_classifier(backbones.core_ml(cfg.model.precision), classifier)
-    model.author = cfg.model.author or default_author()
+    model.author = cfg.model.author  # no name from the machine: the same model, the same bytes
     model.license = cfg.model.license or NO_LICENSE
     model.short_description = cfg.model.short_description
     model.version = str(cfg.model.version)
@@ -106,15 +106,29 @@ def size_on_disk(path: Path) -> int:
     )
 
 
-def default_author() -> str:
-    """Create ML's default author: the user's name (git's user.name here), else the login."""
-    try:
-        name = subprocess.run(
-            ["git", "config", "user.name"], capture_output=True, text=True, check=False, timeout=5
-        ).stdout.strip()
-    except OSError:  # no git
-        name = ""
-    return name or getpass.getuser()
+def save_package(model: ct.models.MLModel, folder: Path) -> None:
+    """The Core ML package, the same bytes for the same model, so that a fresh clone's
+    `dvc repro` reproduces dvc.lock: coremltools names the package's items by random
+    UUIDs in its Manifest.json (here: a UUID of each item's path), writes its
+    protobuf maps in no fixed order, and stamps each part with the day and the torch
+    build it was converted with (a CUDA and a CPU wheel differ)."""
+    spec = model.get_spec()
+    for part in [spec, *spec.pipelineClassifier.pipeline.models]:
+        for key in CONVERTER_STAMPS:
+            part.description.metadata.userDefined.pop(key, None)
+    model = ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
+    model.save(str(folder))
+    manifest_file = folder / "Manifest.json"
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    items = manifest["itemInfoEntries"]
+    spec_file = folder / "Data" / items[manifest["rootModelIdentifier"]]["path"]
+    saved = ct.proto.Model_pb2.Model()
+    saved.ParseFromString(spec_file.read_bytes())
+    spec_file.write_bytes(saved.SerializeToString(deterministic=True))
+    named = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, entry["path"])) for old, entry in items.items()}
+    manifest["itemInfoEntries"] = {named[old]: entry for old, entry in items.items()}
+    manifest["rootModelIdentifier"] = named[manifest["rootModelIdentifier"]]
+    manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_model_files(
@@ -125,7 +139,7 @@ def write_model_files(
     backbones = BackboneConversions(cfg.paths.feature_cache, cfg.extractor, checkpoint.extractor)
     mlpackage.parent.mkdir(parents=True, exist_ok=True)
     model = to_core_ml(cfg, head, checkpoint, backbones)
-    write_folder_atomically(mlpackage, lambda temporary: model.save(str(temporary)))
+    write_folder_atomically(mlpackage, lambda temporary: save_package(model, temporary))
     if sys.platform != "darwin":  # coremltools runs a model only through macOS's Core ML framework
         log.info("Core ML runs only on macOS: predict, serving and the tests run the ONNX twin here")
     graph = to_onnx(cfg, head, checkpoint, backbones)

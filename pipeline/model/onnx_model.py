@@ -44,7 +44,7 @@ class OnnxClassifier:
         self.labels = json.loads(metadata["labels"])
         self.crop_and_scale = metadata["crop_and_scale"]
         self.rejection_threshold = float(metadata.get("rejection_threshold", 0))
-        self.trained_at = metadata.get("trained_at")  # the head's, in its checkpoint too
+        self.data_fingerprint = metadata.get("data_fingerprint")  # the head's, in its checkpoint too
         self.size = self.session.get_inputs()[0].shape[-1]
 
     def run(self, image: str | Path | BinaryIO, outputs: list[str]) -> list[np.ndarray]:

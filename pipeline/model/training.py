@@ -4,7 +4,6 @@ full-batch with L-BFGS and a cross-validated L2 strength, the MLP with AdamW
 Python API both train here."""
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import numpy as np
 import pytorch_lightning as pl
@@ -195,7 +194,6 @@ def checkpoint_for(
     head: ClassifierHead,
     strength: float,
     calibration: dict,
-    run_id: str,
     held_out: dict | None = None,
 ) -> Checkpoint:
     return Checkpoint(
@@ -205,8 +203,6 @@ def checkpoint_for(
         extractor=table["meta"]["extractor"],
         input_size=int(cfg.extractor.input_size),
         data_fingerprint=table["meta"]["split_sha256"],
-        mlflow_run_id=run_id,
-        trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
         regularization=strength,
         calibration=calibration,
         state_dict=head.state_dict(),

@@ -1,15 +1,20 @@
 """Hydra entry points shared by every stage."""
 
 import gc
+import json
 import logging
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipeline.data.images import DataError, SettingError
@@ -19,6 +24,7 @@ from pipeline.project.settings import check_settings
 log = logging.getLogger("pipeline")
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+DVC_FILE = CONF_DIR.parent / "dvc.yaml"
 
 
 def accept_plus_for_defaulted_groups(argv: list[str]) -> list[str]:
@@ -55,8 +61,47 @@ def compose_config(*overrides: str) -> DictConfig:
 
 
 def output_overrides(root: Path) -> list[str]:
-    """Overrides that put every output path under `root`, for a run beside the project's."""
-    return [f"paths.{key}={root / value}" for key, value in compose_config().paths.items()]
+    """Overrides that put every output path, and a stage's Hydra run folder, under `root`,
+    for a run beside the project's."""
+    paths = [f"paths.{key}={root / value}" for key, value in compose_config().paths.items()]
+    return [*paths, f"hydra.run.dir={root}"]
+
+
+def stage_outputs(stage: str) -> list[str]:
+    """The `paths.*` keys that dvc.yaml declares `stage` writes (outs, metrics, plots)."""
+    declared = yaml.safe_load(DVC_FILE.read_text(encoding="utf-8"))["stages"][stage]
+    entries = json.dumps([declared.get(kind, []) for kind in ("outs", "metrics", "plots")])
+    return sorted(set(re.findall(r"\$\{paths\.(\w+)\}", entries)))
+
+
+def outputs_to_run_folder(cfg: DictConfig, stage: str) -> Path | None:
+    """Outside `dvc repro`, a stage writes its outputs into Hydra's run folder
+    (`outputs/<date>/<time>/`, a multirun's `multirun/<date>/<time>/<job>/`), where
+    `dvc repro` owns the paths in params.yaml: a stage tried by hand, or a sweep's
+    jobs, must not replace the pipeline's model (docs/pipeline.md). dvc.yaml's
+    commands set the run folder to the project (conf/dvc_stage.yaml), as can a user
+    with `hydra.run.dir=.`; absolute paths stay where they are. Returns the folder
+    the outputs moved to, None where they stay."""
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if folder.resolve() == Path.cwd().resolve():
+        return None
+    for key in stage_outputs(stage):
+        cfg.paths[key] = str(folder / cfg.paths[key])
+    return folder
+
+
+def drop_unused_run_folder() -> None:
+    """Bad settings or data write nothing (docs/pipeline.md), yet Hydra makes the
+    run folder before a stage starts: it goes again, with its date folder when empty,
+    if it holds nothing but Hydra's record of the run (`.hydra/`)."""
+    folder, here = Path(HydraConfig.get().runtime.output_dir).resolve(), Path.cwd().resolve()
+    if folder == here or any(path.name != ".hydra" for path in folder.iterdir()):
+        return
+    shutil.rmtree(folder)
+    for parent in folder.parents:
+        if parent == here or here not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 PROGRESS_BARS: dict[str, bool | None] = {"forced": None}  # None: decide by the terminal
@@ -79,23 +124,34 @@ def progress_bars(enabled: bool | None):
         PROGRESS_BARS["forced"] = before
 
 
-def stage_entry(task: Callable[[DictConfig], None]) -> Callable[[], None]:
+def stage_entry(task: Callable[[DictConfig], None], stage: str | None = None) -> Callable[[], None]:
     """`python -m pipeline.<stage> [overrides]`: compose conf/ and run `task`.
 
-    dvc.yaml adds `--config-name dvc_stage`, so DVC-run stages read params.yaml.
+    dvc.yaml adds `--config-name dvc_stage`, so DVC-run stages read params.yaml and
+    write where dvc.yaml says; run otherwise, the dvc.yaml `stage` writes into its
+    Hydra run folder. A door that is no stage (`stage` None) gets no run folder.
     """
 
     def task_or_exit(cfg: DictConfig) -> None:
         try:
             check_parameters(cfg, CONF_DIR)  # params.yaml may hold what `dvc exp run -S +name=...` added
             check_settings(cfg)
+            folder = outputs_to_run_folder(cfg, stage) if stage is not None else None
             task(cfg)
         except (DataError, SettingError) as error:  # the user's data or settings: one line each, no traceback
             log.error("%s", error)
+            drop_unused_run_folder()
             sys.exit(2)
+        if folder is not None:
+            log.info(
+                "outside dvc repro: wrote into %s/ (hydra.run.dir=. writes the pipeline's own)",
+                os.path.relpath(folder),
+            )
 
     def main() -> None:
         sys.argv = [sys.argv[0], *checked_overrides(sys.argv[1:])]
+        if stage is None:  # nothing of its own to write: no run folder
+            sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null"]
         hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task_or_exit)()
         exit_without_final_collections()
 

@@ -7,6 +7,7 @@ process id of its stage, which the next stage that starts marks KILLED: no broke
 run is ever shown FINISHED.
 """
 
+import hashlib
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ import mlflow
 import psutil
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.data.images import SettingError
+from pipeline.data.images import DataError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +151,48 @@ def new_run(cfg: DictConfig, data_fingerprint: str):
         yield run.info.run_id
 
 
-@contextmanager
-def resumed_run(cfg: DictConfig, run_id: str):
-    """Continue the training run (evaluate and convert belong to the model it made)."""
+# The checkpoint holds no run id (its bytes depend on the data and settings alone,
+# pipeline/model/checkpoint.py): its training run carries the checkpoint's hash instead.
+CHECKPOINT_TAG = "checkpoint_sha256"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tag_checkpoint(path: str | Path) -> None:
+    """Mark the active run as the one that made the checkpoint at `path`."""
+    mlflow.set_tag(CHECKPOINT_TAG, file_sha256(path))
+
+
+def training_run_id(cfg: DictConfig, checkpoint: str | Path) -> str:
+    """The run that made `checkpoint`: the newest tagged with its hash (the same data
+    and settings trained twice make the same file, and either run describes it)."""
     use_store(cfg)
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment],
+        f"tags.{CHECKPOINT_TAG} = '{file_sha256(checkpoint)}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise DataError(
+            f"no run in the MLflow store {mlflow.get_tracking_uri()} made {checkpoint}: train it again"
+            " (dvc repro -f -s train)"
+        )
+    return runs[0].info.run_id
+
+
+@contextmanager
+def resumed_run(cfg: DictConfig, checkpoint: str | Path):
+    """Continue the run that trained `checkpoint` (evaluate and convert belong to the
+    model it made)."""
+    run_id = training_run_id(cfg, checkpoint)
     mark_killed_runs(mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id)
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags(this_process())  # killed before this, it still names a process that is gone

@@ -50,7 +50,13 @@ def training_images(cfg: DictConfig, classifier: OnnxClassifier) -> TrainingImag
     from pipeline.model.checkpoint import load_checkpoint
 
     head, checkpoint = load_checkpoint(cfg.paths.checkpoint)
-    if classifier.trained_at != checkpoint.trained_at:
+    # the files carry no date (the same inputs make the same bytes): the head's data
+    # and its calibrated threshold tell a model converted from another head
+    threshold = f"{checkpoint.rejection_threshold:.6g}"
+    if (classifier.data_fingerprint, f"{classifier.rejection_threshold:.6g}") != (
+        checkpoint.data_fingerprint,
+        threshold,
+    ):
         raise DataError(f"the ONNX model is older than {cfg.paths.checkpoint}: run the convert stage")
     table = load_table(cfg.paths.features, columns=("label_index", "split", "path", "copy"))
     if table["meta"]["extractor"]["fingerprint"] != checkpoint.extractor["fingerprint"]:
