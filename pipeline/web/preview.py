@@ -33,7 +33,7 @@ class TrainingImages:
     labels: list[str]  # per image
     vectors: np.ndarray  # (images, D), centred and of unit length
     shift: np.ndarray  # the training mean the head standardises with
-    run_id: str  # the MLflow run that trained the head
+    run_id: str | None  # the MLflow run that trained the head; None when the store lost it
 
     def nearest(self, features: np.ndarray, count: int) -> list[dict]:
         rows, similarity = most_similar(centred_unit(features, self.shift), self.vectors, count)
@@ -74,8 +74,20 @@ def training_images(cfg: DictConfig, classifier: OnnxClassifier) -> TrainingImag
         labels=[names[i] for i in table["label_index"][rows]],
         vectors=centred_unit(table["features"][rows], shift),
         shift=shift,
-        run_id=checkpoint.mlflow_run_id,
+        run_id=run_that_trained(cfg),
     )
+
+
+def run_that_trained(cfg: DictConfig) -> str | None:
+    """The head's MLflow run (its checkpoint's hash tags it), or None: the Preview works
+    without it, only the Training tab cannot tell this model's curves from the others'."""
+    from pipeline.project.tracking import training_run_id  # MLflow: imported with the checkpoint's torch
+
+    try:
+        return training_run_id(cfg, cfg.paths.checkpoint)
+    except DataError as error:
+        log.warning("%s", error)
+        return None
 
 
 def thumbnail(path: str | Path) -> Image.Image:
