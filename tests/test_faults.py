@@ -432,7 +432,10 @@ def test_sigkill_in_any_stage_then_repro_reaches_the_clean_metrics(demo_project,
     # the run behind the model in place (DVC's run cache may have put back an earlier one)
     made_it = f"tags.{tracking.CHECKPOINT_TAG} = '{tracking.file_sha256(project / 'models/head.ckpt')}'"
     behind = client.search_runs([experiment], made_it, order_by=["attributes.start_time DESC"])[0]
-    assert behind.info.status == "FINISHED"
+    # FINISHED; or KILLED when the killed stage was convert, which had resumed it, and DVC's
+    # run cache then put convert's outputs back (the same head makes the same bytes)
+    # without running convert again to finish it
+    assert behind.info.status == "FINISHED" or (stage == "convert" and behind.info.status == "KILLED")
     assert behind.data.metrics["test_accuracy"] == pytest.approx(clean["test"]["accuracy"])
 
 

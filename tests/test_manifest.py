@@ -73,8 +73,8 @@ def test_dvc_repro_on_a_manifest_reaches_the_folders_metrics(demo_project, tmp_p
         result = manifest_command(f"data/demo/{name}", f"data/demo/{name}.parquet", cwd=project)
         assert result.returncode == 0, result.stderr
     conf = project / "conf/config.yaml"
-    text = conf.read_text().replace("data/demo/train ", "data/demo/train.parquet ")
-    conf.write_text(text.replace("data/demo/test ", "data/demo/test.parquet "))
+    text = conf.read_text().replace("train_dir: data/demo/train", "train_dir: data/demo/train.parquet")
+    conf.write_text(text.replace("test_dir: data/demo/test", "test_dir: data/demo/test.parquet"))
     run([sys.executable, "-m", "pipeline.params"], project)
     run(["dvc", "repro"], project)
     lock = (project / "dvc.lock").read_text()

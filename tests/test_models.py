@@ -120,7 +120,7 @@ def check_image_classifier(model, labels: list[str], crop_and_scale: str, extrac
         types.update({f.name: f.type for f in part.description.output})
     assert all(f.type == types[f.name] for f in spec.description.output)
     (features,) = backbone.description.output
-    assert list(features.type.multiArrayType.shape) == [1, 1280]
+    assert list(features.type.multiArrayType.shape) == [1, {"v1": 1280, "v2": 2848}[extractor]]
 
     # The normalisation is the image input's scale and bias: the backbone's first ops.
     program = load_mil(backbone, backbone.specificationVersion, model.weights_dir)

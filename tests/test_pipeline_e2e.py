@@ -85,7 +85,7 @@ def test_second_repro_runs_nothing(project):
 def test_augmentations_rerun_extract_onward_and_keep_validation_accuracy(demo_project, tmp_path):
     project = copy_project(demo_project, tmp_path / "project")
     before = json.loads((project / "reports/metrics.json").read_text())
-    edit_conf(project, "  flip: 1 ", "  flip: 2 ")
+    edit_conf(project, "  flip: 1\n", "  flip: 2\n")
     for name in ("crop", "exposure"):
         edit_conf(project, f"  {name}: 0 ", f"  {name}: 1 ")
     assert ran_stages(run(["dvc", "repro"], project).stdout) == ["extract", "train", "evaluate", "convert"]
