@@ -20,6 +20,7 @@ import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.images import DataError, SettingError
+from pipeline.project.params_file import leaves
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +78,10 @@ def git_commit() -> str:
 def flat_params(cfg: DictConfig) -> dict[str, str]:
     """Comparable parameter keys for `mlflow ui`: extractor, head, train and split."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    params = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else key, value)
-        else:
-            params[prefix] = str(node)
-
-    for section in ("extractor", "extract", "augment", "head", "train", "split", "data"):
-        walk(section, resolved[section])
-    return params
+    sections = ("extractor", "extract", "augment", "head", "train", "split", "data")
+    return {
+        key: str(value) for section in sections for key, value in leaves(resolved[section], section).items()
+    }
 
 
 def process_alive(pid: int) -> bool:
