@@ -71,7 +71,10 @@ def code_and_config() -> dict[str, str]:
     (a citation may be wrapped), by name."""
     names = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", *CITING],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     texts = {}
     for name in names:

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
 
 from pipeline.evaluation.metrics import evaluate
 from pipeline.features.table import load_table, save_table
@@ -180,3 +181,51 @@ def test_an_mlp_right_on_every_validation_image_keeps_temperature_1(caplog):
     assert calibration["temperature"] == 1.0
     assert float(head.temperature) == 1.0
     assert "temperature not fitted: all of them answered right" in caplog.text
+
+
+def correlated_table(rows_per_label: int = 200, dim: int = 96) -> dict:
+    """Four labels whose features are mixtures of a few underlying ones, as a
+    backbone's features of several depths are: a few directions dominate the variance."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(4), rows_per_label)
+    underlying = rng.normal(0, 1, (4, 6))[labels] + rng.normal(0, 1.5, (len(labels), 6))
+    features = underlying @ rng.normal(0, 1, (6, dim)) + rng.normal(0, 0.3, (len(labels), dim))
+    table = blobs_table()
+    return {
+        "features": features.astype(np.float32),
+        "label_index": labels,
+        "split": np.where(np.arange(len(labels)) % 5 == 0, "validation", "train"),
+        "path": np.array([f"image{i}.png" for i in range(len(labels))]),
+        "sha256": np.array([f"{i:064x}" for i in range(len(labels))]),
+        "copy": np.full(len(labels), ""),
+        "meta": {**table["meta"], "labels": ["a", "b", "c", "d"]},
+    }
+
+
+def test_logistic_head_reaches_the_penalised_optimum_on_correlated_features():
+    """The logistic head is the optimum of its objective (mean log-loss + strength/2
+    |W|^2), here scikit-learn's run to a tight tolerance with the same penalty
+    (C = 1 / (strength n)), even where correlated features make it ill-conditioned;
+    and training leaves a plain head, as checkpoints and exports expect it."""
+    strength, table = 1e-3, correlated_table()
+    cfg = compose_config("train.max_iterations=100", f"train.regularization={strength}")
+    fitted, _ = fit_head(cfg, table, [])
+    train = table["split"] == "train"
+    with torch.no_grad():
+        features = fitted.standardise(torch.from_numpy(table["features"][train]))
+        logits = fitted.layers(features)
+    labels = torch.from_numpy(table["label_index"][train])
+
+    @torch.no_grad()
+    def objective(logits: torch.Tensor, weight: torch.Tensor) -> float:
+        penalty = 0.5 * strength * weight.square().sum()
+        return float(torch.nn.functional.cross_entropy(logits, labels) + penalty)
+
+    reference = LogisticRegression(C=1 / (strength * len(labels)), tol=1e-10, max_iter=10_000)
+    reference.fit(features.numpy(), labels.numpy())
+    optimum = objective(
+        torch.from_numpy(reference.decision_function(features.numpy())).float(),
+        torch.from_numpy(reference.coef_).float(),
+    )
+    assert objective(logits, fitted.layers[-1].weight) <= optimum * (1 + 1e-3)
+    assert set(fitted.state_dict()) == set(ClassifierHead(96, 4).state_dict())

@@ -164,7 +164,7 @@ def failure(path: str, reason: str) -> dict:
     if reason.startswith("cannot read") and Path(path).is_file():
         raise DataError(
             f"{path}: the Ray cluster's nodes cannot read it ({reason.split(':')[0]}): extract.engine = ray"
-            ' needs the images at the same path on every node (docs/scaling-out.md)'
+            " needs the images at the same path on every node (docs/scaling-out.md)"
         )
     return {"path": path, "reason": reason}
 

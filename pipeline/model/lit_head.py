@@ -7,7 +7,10 @@ import torch
 from pipeline.model.head import ClassifierHead
 from pipeline.model.regularization import lbfgs, penalised_loss
 
-CONVERGED = 1e-5  # relative change of the objective between L-BFGS iterations
+# Relative change of the objective between L-BFGS iterations where training stops:
+# bench/head.py's head stopped after 41 passes at 1e-4, after 68 at 1e-5, for the same
+# test accuracy (73.6 and 73.4 %).
+CONVERGED = 1e-4
 
 
 class Evaluation:

@@ -15,7 +15,14 @@ from pipeline.features.table import FeatureTable, feature_batches, in_image_orde
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.head import ClassifierHead
 from pipeline.model.lit_head import LitHead
-from pipeline.model.regularization import MLP_STRENGTH, balanced_class_weights, choose_strength
+from pipeline.model.preconditioning import preconditioned
+from pipeline.model.regularization import (
+    MAX_CV_ROWS,
+    MLP_STRENGTH,
+    balanced_class_weights,
+    choose_strength,
+    sample_of_groups,
+)
 from pipeline.project.config import show_progress
 
 CURVE_COLUMNS = ["epoch", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy"]
@@ -184,7 +191,12 @@ def fit_head(
         callbacks=callbacks,
         deterministic=True,
     )
-    trainer.fit(module, steps, validation)
+    if optimizer == "lbfgs":
+        sample = sample_of_groups(targets.numpy(), train_rows.groups, MAX_CV_ROWS, cfg.train.seed)
+        with preconditioned(head.layers[-1], train_rows[sample]):
+            trainer.fit(module, steps, validation)
+    else:
+        trainer.fit(module, steps, validation)
     return head.cpu().eval(), strength
 
 
