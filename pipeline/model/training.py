@@ -4,6 +4,7 @@ full-batch with L-BFGS and a cross-validated L2 strength, the MLP with AdamW
 Python API both train here."""
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import numpy as np
 import pytorch_lightning as pl
@@ -191,11 +192,11 @@ def fit_head(
         callbacks=callbacks,
         deterministic=True,
     )
+    steering = nullcontext()  # AdamW scales each coordinate itself: the MLP trains as it is
     if optimizer == "lbfgs":
         sample = sample_of_groups(targets.numpy(), train_rows.groups, MAX_CV_ROWS, cfg.train.seed)
-        with preconditioned(head.layers[-1], train_rows[sample]):
-            trainer.fit(module, steps, validation)
-    else:
+        steering = preconditioned(head.layers[-1], train_rows[sample])
+    with steering:
         trainer.fit(module, steps, validation)
     return head.cpu().eval(), strength
 
