@@ -47,7 +47,7 @@ class Preconditioner(nn.Module):
         each shrunk to the variance of the first one left out (at least 1, a
         standardised feature's own). The SVD is randomised, on the CPU, from a fixed
         seed of its own: the same sample gives the same preconditioner, and the
-        caller's random numbers are left as they were."""
+        caller's random numbers are left as they were. Returned on the CPU."""
         centred = (sample - sample.mean(dim=0)).cpu()
         rank = min(directions + 1, *centred.shape)
         with torch.random.fork_rng(devices=[]):
@@ -56,7 +56,7 @@ class Preconditioner(nn.Module):
         variance = singular.square() / max(len(sample) - 1, 1)
         floor = variance[-1].clamp_min(1.0)
         shrink = (1 - (floor / variance[:-1]).sqrt()).clamp_min(0.0)
-        return cls(basis[:, :-1].contiguous(), shrink).to(sample.device)
+        return cls(basis[:, :-1].contiguous(), shrink)
 
 
 @contextmanager
