@@ -465,12 +465,12 @@ def test_sigkill_in_any_stage_then_repro_reaches_the_clean_metrics(demo_project,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("file", "left_by_the_kill"), [("dvc.lock", ""), (".dvc/tmp/rwlock", '{"read": {"da')])
-def test_dvc_own_file_cut_short_by_a_kill_recovers_as_documented(demo_project, tmp_path, file, left_by_the_kill):
+@pytest.mark.parametrize(("file", "cut_short"), [("dvc.lock", ""), (".dvc/tmp/rwlock", '{"read": {"da')])
+def test_dvc_own_file_cut_short_by_a_kill_recovers_as_documented(demo_project, tmp_path, file, cut_short):
     project = copy_project(demo_project, tmp_path / "project")
     clean = json.loads((project / "reports/metrics.json").read_text())
     lock = (project / "dvc.lock").read_text()
-    (project / file).write_text(left_by_the_kill)
+    (project / file).write_text(cut_short)
     assert run(["dvc", "repro"], project, check=False).returncode != 0
 
     result = repro_after_a_kill(project)
