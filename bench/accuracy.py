@@ -49,6 +49,9 @@ OPTIONS = {
     "scaleFit": ["extract.crop_and_scale=scaleFit"],
     "head=mlp": ["head=mlp"],
     "flip=0": ["augment.flip=0"],
+    "crop=1": ["augment.crop=1"],
+    "exposure=1": ["augment.exposure=1"],
+    "rotate=1": ["augment.rotate=1"],
     "extractor=v1": ["extractor=v1"],
 }
 QUICK_OPTIONS = ["default", "centerCrop", "scaleFit", "flip=0"]
