@@ -420,9 +420,9 @@ def repro_after_a_kill(project: Path) -> subprocess.CompletedProcess:
     """`dvc repro`; if DVC's own file was damaged by the kill, the recovery docs/pipeline.md
     gives (delete the file DVC names, `dvc repro` again) and that second run's result."""
     result = run(["dvc", "repro"], project, check=False)
-    damaged = [file for message, file in DVC_OWN_FILE_DAMAGED.items() if message in result.stderr]
+    damaged = next((file for message, file in DVC_OWN_FILE_DAMAGED.items() if message in result.stderr), None)
     if result.returncode != 0 and damaged:
-        (project / damaged[0]).unlink()
+        (project / damaged).unlink()
         result = run(["dvc", "repro"], project, check=False)
     return result
 
