@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.data.images import load_rgb, to_square  # noqa: E402
 from pipeline.features.backbone import export_feature_extractor, load_backbone  # noqa: E402
-from pipeline.features.cache import FeatureCache  # noqa: E402
+from pipeline.features.cache import FeatureCache, extractor_fingerprint  # noqa: E402
 from pipeline.features.extraction import fill_cache  # noqa: E402
 from pipeline.features.runtime import onnx_runner  # noqa: E402
 from pipeline.project.config import compose_config, output_overrides  # noqa: E402
@@ -300,7 +300,10 @@ def whole_process_on_fresh_clone(paths: list[Path], cfg, work: Path) -> tuple[fl
 def default_against_v1(small: list[Path], work: Path, quick: bool) -> None:
     """Section 6: what the default's wider features cost against v1's, same images, same run."""
     configs = {"default": compose_config(), "v1": compose_config("extractor=v1")}
-    exported = {name: work / f"backbone-{cfg.extractor.name}.onnx" for name, cfg in configs.items()}
+    exported = {  # by fingerprint: a changed extractor is exported again
+        name: work / f"backbone-{extractor_fingerprint(cfg.extractor, cfg.extract.crop_and_scale)}.onnx"
+        for name, cfg in configs.items()
+    }
     for name, cfg in configs.items():
         if not exported[name].exists():
             export_feature_extractor(cfg.extractor, exported[name])

@@ -68,16 +68,21 @@ class Probe:
         self.name = name
         self.size = int(size) if size else BACKBONES[backbone]["input_size"]
         self.model = load_backbone(OmegaConf.create(BACKBONES[backbone]))
+        self.known: dict[Path, np.ndarray] = {}
 
     def pixels(self, paths: list[Path]) -> torch.Tensor:
         pixels = np.stack([whole_image(p, self.size) for p in paths])
         return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
 
     def features(self, paths: list[Path]) -> np.ndarray:
+        """Each file's features, extracted once per Probe (bench/accuracy.py's reshuffles
+        deal the same files again)."""
+        new = [p for p in dict.fromkeys(p.resolve() for p in paths) if p not in self.known]
         with torch.inference_mode():
-            return np.concatenate(
-                [self.model(self.pixels(paths[i : i + BATCH])).numpy() for i in range(0, len(paths), BATCH)]
-            )
+            for i in range(0, len(new), BATCH):
+                batch = new[i : i + BATCH]
+                self.known.update(zip(batch, self.model(self.pixels(batch)).numpy(), strict=True))
+        return np.stack([self.known[p.resolve()] for p in paths])
 
     def accuracy(self, dataset: Path) -> float:
         train_paths, train_labels = labelled(dataset / "train")
