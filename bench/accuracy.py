@@ -20,8 +20,8 @@ two on the test folders can be one lucky draw. `--reshuffles N` measures everyth
 again on N reshuffled splits of each set (its images dealt into train and test again,
 as many test images per label as its test folder has, numbered variants of one
 drawing kept together as bench/datasets.py keeps them) and prints their mean as a
-second table: an option that wins on both is worth a default; features are cached by
-content, so only the probe and the heads run again.
+second table: an option that wins on both is worth a default. Features are cached by
+content, the probe's too, so the draws only train the heads again.
 """
 
 import argparse

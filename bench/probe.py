@@ -16,6 +16,7 @@ fit on the train folder and scored on the test folder.
 """
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -68,21 +69,23 @@ class Probe:
         self.name = name
         self.size = int(size) if size else BACKBONES[backbone]["input_size"]
         self.model = load_backbone(OmegaConf.create(BACKBONES[backbone]))
-        self.known: dict[Path, np.ndarray] = {}
+        self.known: dict[str, np.ndarray] = {}  # by the file's sha256
 
     def pixels(self, paths: list[Path]) -> torch.Tensor:
         pixels = np.stack([whole_image(p, self.size) for p in paths])
         return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
 
     def features(self, paths: list[Path]) -> np.ndarray:
-        """Each file's features, extracted once per Probe (bench/accuracy.py's reshuffles
-        deal the same files again)."""
-        new = [p for p in dict.fromkeys(p.resolve() for p in paths) if p not in self.known]
+        """Each file's features, extracted once per Probe and content (bench/accuracy.py's
+        reshuffles deal the same images again, as links of other names)."""
+        digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+        new = list({d: p for d, p in zip(digests, paths, strict=True) if d not in self.known}.items())
         with torch.inference_mode():
             for i in range(0, len(new), BATCH):
-                batch = new[i : i + BATCH]
-                self.known.update(zip(batch, self.model(self.pixels(batch)).numpy(), strict=True))
-        return np.stack([self.known[p.resolve()] for p in paths])
+                batch_digests, batch_paths = zip(*new[i : i + BATCH], strict=True)
+                vectors = self.model(self.pixels(list(batch_paths))).numpy()
+                self.known.update(zip(batch_digests, vectors, strict=True))
+        return np.stack([self.known[d] for d in digests])
 
     def accuracy(self, dataset: Path) -> float:
         train_paths, train_labels = labelled(dataset / "train")
