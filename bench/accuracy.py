@@ -164,10 +164,10 @@ def bench_dataset(
 
 
 def reshuffled(name: str, folder: Path, seed: int, workdir: Path) -> Path:
-    """`folder`'s images dealt into train and test again (hard links where the disk
-    allows: the pipeline takes no symbolic links to files elsewhere): per label,
-    whole groups of a drawing's variants into test until it holds as many as the test
-    folder does, the rest into train."""
+    """`folder`'s images dealt into train and test again as bench/datasets.py dealt
+    them, each label's test as large as its test folder, a drawing's variants on one
+    side; hard links where the disk allows (the pipeline takes no symbolic links to
+    files elsewhere)."""
     target = workdir / "reshuffled" / f"{name}-{seed}"
     shutil.rmtree(target, ignore_errors=True)
     rng = random.Random(seed)
@@ -177,14 +177,10 @@ def reshuffled(name: str, folder: Path, seed: int, workdir: Path) -> Path:
             for path in sorted((folder / part / label).rglob("*")):
                 if path.is_file():
                     groups[datasets.drawing_group(path)].append((part, path))
-        order = sorted(groups)
-        rng.shuffle(order)
-        dealt = 0
-        for group in order:
-            split = "test" if dealt < count["test"] else "train"
-            dealt += len(groups[group]) if split == "test" else 0
-            for part, path in groups[group]:
-                link = target / split / label / f"{part}-{path.name}"  # a name from each folder may repeat
+        train, test = datasets.deal(groups, count["test"], rng)
+        for side, dealt in (("train", train), ("test", test)):
+            for part, path in dealt:
+                link = target / side / label / f"{part}-{path.name}"  # a name from each folder may repeat
                 link.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     link.hardlink_to(path)
@@ -217,15 +213,9 @@ def print_table(results: dict[str, dict[str, float]], rows: list[str], title: st
         print(f"{row:16s}" + "".join(cells))
 
 
-def mean_over_reshuffles(results: dict[str, dict[str, float]], names: list[str], count: int) -> dict:
-    """{set: {row: mean accuracy over its reshuffles}}, rows every reshuffle has."""
-    means = {}
-    for name in names:
-        draws = [results[f"{name}-draw{seed}"] for seed in range(1, count + 1)]
-        means[name] = {
-            row: float(np.mean([d[row] for d in draws])) for row in draws[0] if all(row in d for d in draws)
-        }
-    return means
+def mean_of(draws: list[dict[str, float]]) -> dict[str, float]:
+    """{row: mean accuracy over the draws}, for the rows every draw has."""
+    return {row: float(np.mean([d[row] for d in draws])) for row in draws[0] if all(row in d for d in draws)}
 
 
 def main() -> None:
@@ -265,7 +255,7 @@ def main() -> None:
     quiet_logging()
     keep_artifacts_in(workdir)
     probe = Probe("lite0")
-    results, seconds = {}, {}
+    results, seconds, draws = {}, {}, {name: [] for name in names}
     for name, folder in folders.items():
         print(f"\n{datasets.describe(name, folder)}", flush=True)
         started = time.perf_counter()
@@ -273,12 +263,12 @@ def main() -> None:
         for seed in range(1, args.reshuffles + 1):
             print(f"  reshuffled, draw {seed}:", flush=True)
             draw = reshuffled(name, folder, seed, workdir)
-            results[f"{name}-draw{seed}"] = bench_dataset(f"{name}-draw{seed}", draw, options, workdir, probe)
+            draws[name].append(bench_dataset(f"{name}-draw{seed}", draw, options, workdir, probe))
         seconds[name] = time.perf_counter() - started
-    print_table({name: results[name] for name in names}, options, "test accuracy on the test folders")
+    print_table(results, options, "test accuracy on the test folders")
     if args.reshuffles:
         title = f"test accuracy, mean of {args.reshuffles} reshuffled splits"
-        print_table(mean_over_reshuffles(results, names, args.reshuffles), options, title)
+        print_table({name: mean_of(draws[name]) for name in names}, options, title)
     times = ", ".join(f"{name} {seconds[name]:.0f} s" for name in names)
     print(f"\nwall time per set (the probe and every option set, this run): {times}")
     print(

@@ -311,20 +311,24 @@ def distinct(items: list[Item]) -> list[Item]:
     return [item for digest, item in first.items() if len(labels[digest]) == 1]
 
 
+def deal(groups: dict[str, list], test_count: int, rng: random.Random) -> tuple[list, list]:
+    """(train, test): whole groups, in random order, into test until it holds
+    `test_count`, the rest into train (bench/accuracy.py deals its reshuffles so too)."""
+    order = sorted(groups)
+    rng.shuffle(order)
+    test, train = [], []
+    for group in order:
+        (test if len(test) < test_count else train).extend(groups[group])
+    return train, test
+
+
 def split_label(items: list[Item], test_count: int, rng: random.Random) -> tuple[list[Item], list[Item]]:
     """Whole groups into test until it holds `test_count`, then into train up to its cap."""
     groups = defaultdict(list)
     for item in items:
         if len(groups[item.group]) < MAX_PER_GROUP:
             groups[item.group].append(item)
-    order = sorted(groups)
-    rng.shuffle(order)
-    test, train = [], []
-    for group in order:
-        if len(test) < test_count:
-            test.extend(groups[group])
-        else:
-            train.extend(groups[group])
+    train, test = deal(groups, test_count, rng)
     return train[:TRAIN_PER_LABEL], test
 
 
