@@ -21,7 +21,9 @@ again on N reshuffled splits of each set (its images dealt into train and test a
 as many test images per label as its test folder has, numbered variants of one
 drawing kept together as bench/datasets.py keeps them) and prints their mean as a
 second table: an option that wins on both is worth a default. Features are cached by
-content, the probe's too, so the draws only train the heads again.
+content, the probe's too, so the draws only train the heads again. Each set's line
+"probe's errors" then tells a lucky test folder from an easy one: the probe's error
+rate on the test folder, and in the draws on the images from each folder.
 """
 
 import argparse
@@ -138,9 +140,11 @@ def slug(name: str) -> str:
 
 def bench_dataset(
     name: str, folder: Path, options: list[str], workdir: Path, probe: Probe
-) -> dict[str, float]:
-    """{row name: test accuracy} for the probe and each available option set."""
-    results = {PROBE: probe.accuracy(folder)}
+) -> tuple[dict[str, float], dict[Path, bool]]:
+    """{row name: test accuracy} for the probe and each available option set, and
+    which test images the probe got right."""
+    answers = probe.answers(folder)
+    results = {PROBE: float(np.mean(list(answers.values())))}
     print(f"  {PROBE:14s} {100 * results[PROBE]:5.1f}", flush=True)
     for option in options:
         outdir = workdir / name / slug(option)
@@ -160,7 +164,26 @@ def bench_dataset(
             f"  {option:14s} {100 * results[option]:5.1f}  ({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
-    return results
+    return results, answers
+
+
+def probe_errors_by_origin(folder_answers: dict[Path, bool], draw_answers: list[dict[Path, bool]]) -> str:
+    """Is the test folder lucky, or are its images easier? The probe's error rate on
+    the test folder, and in the draws on the images that came from each folder (a
+    draw's link is named after its image's folder: `test-...`, `train-...`)."""
+    wrong, tested = defaultdict(int), defaultdict(int)
+    for answers in draw_answers:
+        for link, right in answers.items():
+            origin = link.name.split("-", 1)[0]
+            wrong[origin] += not right
+            tested[origin] += 1
+    in_draws = ", ".join(
+        f"{100 * wrong[origin] / tested[origin]:.1f} % of the {origin} folder's ({tested[origin]} tested)"
+        for origin in ("test", "train")
+        if tested[origin]
+    )
+    on_folder = 100 * (1 - np.mean(list(folder_answers.values())))
+    return f"  probe's errors: {on_folder:.1f} % on the test folder; in the draws' tests, {in_draws}"
 
 
 def reshuffled(name: str, folder: Path, seed: int, workdir: Path) -> Path:
@@ -259,11 +282,16 @@ def main() -> None:
     for name, folder in folders.items():
         print(f"\n{datasets.describe(name, folder)}", flush=True)
         started = time.perf_counter()
-        results[name] = bench_dataset(name, folder, options, workdir, probe)
+        results[name], folder_answers = bench_dataset(name, folder, options, workdir, probe)
+        draw_answers = []
         for seed in range(1, args.reshuffles + 1):
             print(f"  reshuffled, draw {seed}:", flush=True)
             draw = reshuffled(name, folder, seed, workdir)
-            draws[name].append(bench_dataset(f"{name}-draw{seed}", draw, options, workdir, probe))
+            draw_results, answers = bench_dataset(f"{name}-draw{seed}", draw, options, workdir, probe)
+            draws[name].append(draw_results)
+            draw_answers.append(answers)
+        if draw_answers:
+            print(probe_errors_by_origin(folder_answers, draw_answers), flush=True)
         seconds[name] = time.perf_counter() - started
     print_table(results, options, "test accuracy on the test folders")
     if args.reshuffles:

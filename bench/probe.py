@@ -87,11 +87,16 @@ class Probe:
                 self.known.update(zip(batch_digests, vectors, strict=True))
         return np.stack([self.known[d] for d in digests])
 
-    def accuracy(self, dataset: Path) -> float:
+    def answers(self, dataset: Path) -> dict[Path, bool]:
+        """{test image: whether the probe labels it right}."""
         train_paths, train_labels = labelled(dataset / "train")
         test_paths, test_labels = labelled(dataset / "test")
         classifier = LogisticRegression(max_iter=1000).fit(self.features(train_paths), train_labels)
-        return classifier.score(self.features(test_paths), test_labels)
+        right = classifier.predict(self.features(test_paths)) == np.array(test_labels)
+        return dict(zip(test_paths, right.tolist(), strict=True))
+
+    def accuracy(self, dataset: Path) -> float:
+        return float(np.mean(list(self.answers(dataset).values())))
 
 
 def seconds_per_image(probes: list[Probe], paths: list[Path], rounds: int = 5) -> dict[str, float]:
