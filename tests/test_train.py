@@ -1,9 +1,11 @@
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.evaluation.metrics import evaluate
+from pipeline.features import table as table_module
 from pipeline.features.table import load_table, save_table
 from pipeline.model.calibration import HeldOut, calibrate, out_of_fold
 from pipeline.model.head import ClassifierHead
@@ -123,6 +125,21 @@ def test_features_that_never_vary_in_training_are_not_blown_up():
     assert torch.isfinite(head.scale).all()
     assert head.scale[:3].max() <= 10 / features.std(dim=0).mean() + 1e-4
     assert torch.isfinite(ClassifierHead(8, 2).standardise_on(torch.zeros(5, 8)).scale).all()
+
+
+@pytest.mark.parametrize("dim", [16, 40])
+def test_a_store_shard_is_capped_in_bytes_whatever_the_vectors_width(dim, tmp_path, monkeypatch):
+    """A shard holds at most `SHARD_BYTES` of vectors, for v2's wide vectors as for
+    v1's (a cap in rows made v2's shards at a million images 2.2 times v1's), and
+    the table reads back whole."""
+    monkeypatch.setattr(table_module, "SHARD_BYTES", 16 * 4 * 50)  # 50 vectors of 16 floats
+    table = blobs_table(dim=dim)  # 90 vectors
+    save_table(tmp_path / "features", table)
+    shards = sorted((tmp_path / "features" / "shards").iterdir())
+    rows = [pq.ParquetFile(shard).metadata.num_rows for shard in shards]
+    assert max(rows) * dim * 4 <= 16 * 4 * 50 and sum(rows) == 90
+    assert len(shards) == (2 if dim == 16 else 5)
+    assert np.array_equal(np.asarray(load_table(tmp_path / "features")["features"]), table["features"])
 
 
 @pytest.mark.parametrize("head", ["logistic", "mlp"])

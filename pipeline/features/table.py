@@ -32,7 +32,9 @@ from numpy.dtypes import StringDType
 from pipeline.data.images import DataError
 from pipeline.project.files import write_atomically
 
-SHARD_ROWS = 65_536  # vectors per shard: 320 MB of 1280-wide float32 at most
+# A shard holds as many vectors as fit in 320 MB: 65,536 of v1's 1,280 floats, 29,454 of
+# v2's 2,848 (a fixed row count made v2's shards 746 MB, each held twice while written).
+SHARD_BYTES = 65_536 * 1280 * 4
 BATCH_ROWS = 8_192  # vectors read at a time
 INDEX = "index.parquet"
 SHARDS = "shards"
@@ -141,8 +143,9 @@ def save_table(path: str | Path, table: FeatureTable) -> None:
     keys = entry_keys(table)
     where = shard_keys(store, table["features"].shape[1]) if (store / SHARDS).is_dir() else {}
     new = [i for i, key in enumerate(keys) if key not in where]
-    for start in range(0, len(new), SHARD_ROWS):
-        rows = new[start : start + SHARD_ROWS]
+    shard_rows = max(1, SHARD_BYTES // (4 * table["features"].shape[1]))  # float32
+    for start in range(0, len(new), shard_rows):
+        rows = new[start : start + shard_rows]
         name = write_shard(store, keys[rows].tolist(), table["features"][rows])
         where.update({keys[i]: (name, offset) for offset, i in enumerate(rows)})
     located = [where[key] for key in keys]
