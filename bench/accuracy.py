@@ -146,9 +146,8 @@ def bench_dataset(
 ) -> tuple[dict[str, float], dict[Path, bool]]:
     """{row name: test accuracy} for the probe and each available option set, and
     which test images the probe got right."""
-    answers = probe.answers(folder)
-    results = {PROBE: float(np.mean(list(answers.values())))}
-    results[PROBE_CV] = float(np.mean(list(probe.answers(folder, choose_c=True).values())))
+    answers, cv_answers = probe.answers(folder, choices=(False, True))
+    results = {row: float(np.mean(list(a.values()))) for row, a in ((PROBE, answers), (PROBE_CV, cv_answers))}
     for row in (PROBE, PROBE_CV):
         print(f"  {row:14s} {100 * results[row]:5.1f}", flush=True)
     for option in options:

@@ -65,6 +65,11 @@ def labelled(folder: Path) -> tuple[list[Path], list[str]]:
     return paths, [p.relative_to(folder).parts[0] for p in paths]
 
 
+def classifier(choose_c: bool) -> LogisticRegression:
+    """The probe's classifier: C=1, or C by 5-fold cross-validation."""
+    return LogisticRegressionCV(Cs=10, cv=5, max_iter=1000) if choose_c else LogisticRegression(max_iter=1000)
+
+
 class Probe:
     """One backbone, ready to turn image files into features. `name` is a key of
     BACKBONES, optionally with another input size: `lite2@224`."""
@@ -92,20 +97,20 @@ class Probe:
                 self.known.update(zip(batch_digests, vectors, strict=True))
         return np.stack([self.known[d] for d in digests])
 
-    def answers(self, dataset: Path, choose_c: bool = False) -> dict[Path, bool]:
-        """{test image: whether the probe labels it right}; `choose_c`: C by 5-fold CV, not 1."""
+    def answers(self, dataset: Path, choices: tuple[bool, ...] = (False,)) -> list[dict[Path, bool]]:
+        """{test image: whether the probe labels it right}, one for each `choose_c` in
+        `choices` (C by 5-fold CV, or 1), on features read and hashed once."""
         train_paths, train_labels = labelled(dataset / "train")
         test_paths, test_labels = labelled(dataset / "test")
-        if choose_c:
-            classifier = LogisticRegressionCV(Cs=10, cv=5, max_iter=1000)
-        else:
-            classifier = LogisticRegression(max_iter=1000)
-        classifier.fit(self.features(train_paths), train_labels)
-        right = classifier.predict(self.features(test_paths)) == np.array(test_labels)
-        return dict(zip(test_paths, right.tolist(), strict=True))
+        train, test = self.features(train_paths), self.features(test_paths)
+        found = []
+        for choose_c in choices:
+            right = classifier(choose_c).fit(train, train_labels).predict(test) == np.array(test_labels)
+            found.append(dict(zip(test_paths, right.tolist(), strict=True)))
+        return found
 
     def accuracy(self, dataset: Path) -> float:
-        return float(np.mean(list(self.answers(dataset).values())))
+        return float(np.mean(list(self.answers(dataset)[0].values())))
 
 
 def seconds_per_image(probes: list[Probe], paths: list[Path], rounds: int = 5) -> dict[str, float]:
