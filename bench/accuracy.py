@@ -147,8 +147,9 @@ def bench_dataset(
     """{row name: test accuracy} for the probe and each available option set, and
     which test images the probe got right."""
     answers, cv_answers = probe.answers(folder, choices=(False, True))
-    results = {row: float(np.mean(list(a.values()))) for row, a in ((PROBE, answers), (PROBE_CV, cv_answers))}
-    for row in (PROBE, PROBE_CV):
+    results = {}
+    for row, found in ((PROBE, answers), (PROBE_CV, cv_answers)):
+        results[row] = float(np.mean(list(found.values())))
         print(f"  {row:14s} {100 * results[row]:5.1f}", flush=True)
     for option in options:
         outdir = workdir / name / slug(option)
