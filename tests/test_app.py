@@ -49,6 +49,9 @@ def start_app(project: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        # Ctrl-C as in a terminal even where pytest runs as a background job, whose
+        # shell starts it (and so the app) with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + STARTUP
